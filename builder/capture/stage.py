@@ -1,0 +1,218 @@
+"""The capture stage: one teacher-forced pass over the corpus, reducing every FFN neuron's
+activations into a :class:`NeuronState` on the model's device.
+
+Resumable: the state of this process's shard is checkpointed every
+`capture.checkpoint_every` batches (atomically); a rerun continues after the last
+checkpointed batch and ends with exactly the state an uninterrupted run gives.
+Multi-process: under `accelerate launch`, process r of W takes samples r, r+W, ...; the
+shard states are merged by the main process into `capture/state.safetensors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from builder.capture.hooks import neuron_hooks
+from builder.capture.inputs import ModelBatch, encode_batch
+from builder.capture.state import NeuronState, read_state_metadata
+from builder.corpus.base import open_image
+from builder.corpus.stage import read_samples
+from builder.errors import StageError
+from builder.io import stable_hash
+from builder.progress import progress
+from builder.run import RunContext
+from builder.text import read_texts
+
+log = logging.getLogger("builder")
+
+STATE_FILE = "state.safetensors"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of the corpus."""
+
+    rank: int
+    world: int
+
+    def indices(self, n: int) -> list[int]:
+        return list(range(self.rank, n, self.world))
+
+    @property
+    def checkpoint_name(self) -> str:
+        return f"shard-{self.rank:03d}-of-{self.world:03d}.safetensors"
+
+
+def current_shard() -> Shard:
+    """Rank and world size from the launcher's environment (`accelerate launch`, torchrun)."""
+    return Shard(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+class BatchEncoder(torch.utils.data.Dataset):
+    """Batch i of the shard as a ModelBatch on the CPU (runs in DataLoader workers)."""
+
+    def __init__(self, ctx: RunContext, batches: list[list[int]]):
+        self.samples = read_samples(ctx.run_dir.samples)
+        self.texts = read_texts(ctx.run_dir.texts)
+        self.batches = batches
+        self.corpus_cfg = ctx.recipe.corpus
+        self.prompt = ctx.recipe.text.prompt
+        self.processor = ctx.vlm.processor
+        self.image_token_id = ctx.vlm.image_token_id
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> ModelBatch:
+        idx = self.batches[i]
+        images = [open_image(self.samples[j].image_ref, self.corpus_cfg) for j in idx]
+        texts = [self.texts[self.samples[j].sample_id].text for j in idx]
+        return encode_batch(self.processor, images, texts, self.prompt, self.image_token_id, idx)
+
+
+def to_device(batch: ModelBatch, device: Any) -> ModelBatch:
+    nb = str(device).startswith("cuda")
+    return ModelBatch(
+        inputs={k: v.to(device, non_blocking=nb) for k, v in batch.inputs.items()},
+        visual_mask=batch.visual_mask.to(device, non_blocking=nb),
+        text_mask=batch.text_mask.to(device, non_blocking=nb),
+        sample_index=batch.sample_index.to(device, non_blocking=nb),
+    )
+
+
+def capture_shard(ctx: RunContext, shard: Shard, checkpoint: Path) -> NeuronState:
+    """Run (or resume) the capture of one shard, checkpointing as it goes."""
+    cfg = ctx.recipe.capture
+    vlm = ctx.vlm
+    mlps = vlm.mlps()
+    n_samples = len(read_samples(ctx.run_dir.samples))
+    mine = shard.indices(n_samples)
+    batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+    device = vlm.device
+    top_n, top_m = ctx.recipe.classify.top_n, cfg.top_m
+    done = 0
+    if checkpoint.exists():
+        meta = read_state_metadata(checkpoint)
+        expected = _shard_identity(ctx, shard)
+        if meta.get("identity") == expected:
+            state = NeuronState.load(checkpoint, device=device)
+            done = int(meta["batches_done"])
+            log.info("capture: resuming %s after batch %d of %d", checkpoint.name, done, len(batches))
+        else:
+            state = NeuronState.empty(len(mlps), mlps[0].width, top_n, top_m, device)
+    else:
+        state = NeuronState.empty(len(mlps), mlps[0].width, top_n, top_m, device)
+
+    current: dict[str, ModelBatch] = {}
+
+    def sink(layer: int, activations: torch.Tensor) -> None:
+        b = current["batch"]
+        state.update_layer(layer, activations, b.visual_mask, b.text_mask, b.sample_index)
+
+    def save(n_done: int, complete: bool) -> None:
+        state.save(
+            checkpoint,
+            {"batches_done": str(n_done), "complete": str(int(complete)), "identity": _shard_identity(ctx, shard)},
+        )
+
+    loader = torch.utils.data.DataLoader(
+        BatchEncoder(ctx, batches[done:]),
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        pin_memory=str(device).startswith("cuda"),
+    )
+    forward = _base_forward(vlm.model)
+    with progress() as bar, neuron_hooks(mlps, cfg.hook, sink), torch.inference_mode():
+        task = bar.add_task(f"capture[{shard.rank}/{shard.world}] batches", total=len(batches), completed=done)
+        for batch in loader:
+            current["batch"] = to_device(batch, device)
+            forward(**current["batch"].inputs)
+            done += 1
+            bar.advance(task)
+            if done % cfg.checkpoint_every == 0 and done < len(batches):
+                save(done, complete=False)
+    save(done, complete=True)
+    return state
+
+
+def _base_forward(model: Any):
+    """The model's forward without the LM head (logits are not needed to record neurons)."""
+    inner = getattr(model, "model", None)
+    return inner if inner is not None and hasattr(inner, "language_model") else model
+
+
+def _shard_identity(ctx: RunContext, shard: Shard) -> str:
+    from builder.io import file_digest
+
+    return stable_hash(
+        [
+            file_digest(ctx.run_dir.samples),
+            file_digest(ctx.run_dir.texts),
+            ctx.recipe.section_dict("model"),
+            ctx.recipe.section_dict("capture"),
+            ctx.recipe.text.prompt,
+            ctx.recipe.classify.top_n,
+            shard.rank,
+            shard.world,
+        ]
+    )
+
+
+class CaptureStage:
+    name = "capture"
+    version = "1"
+    sections = ("model", "capture")
+    distributed = True
+    """Every process of a multi-process launch runs this stage on its shard."""
+
+    def source_fingerprint(self, ctx: RunContext) -> str:
+        # N (classify.top_n) shapes the state; the thresholds do not.
+        return stable_hash(["top_n", ctx.recipe.classify.top_n, ctx.recipe.text.prompt])
+
+    def outputs(self, ctx: RunContext) -> list[Path]:
+        return [ctx.run_dir.capture_dir / STATE_FILE]
+
+    def reset(self, ctx: RunContext) -> None:
+        for f in ctx.run_dir.capture_dir.glob("*.safetensors"):
+            f.unlink()
+
+    def run(self, ctx: RunContext) -> dict[str, int]:
+        shard = current_shard()
+        out_dir = ctx.run_dir.capture_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        capture_shard(ctx, shard, out_dir / shard.checkpoint_name)
+        barrier()
+        if shard.rank != 0:
+            return {}
+        state = None
+        for r in range(shard.world):
+            path = out_dir / Shard(r, shard.world).checkpoint_name
+            meta = read_state_metadata(path)
+            if meta.get("complete") != "1":
+                raise StageError(f"capture shard {path.name} is incomplete; rerun to resume it")
+            part = NeuronState.load(path)
+            state = part if state is None else state.merge(part)
+        assert state is not None
+        state.save(out_dir / STATE_FILE, {"shards": str(shard.world)})
+        L, D, N, m = state.shape
+        return {
+            "layers": L,
+            "neurons": L * D,
+            "visual_positions": int(state.visual_count[0]),
+            "text_positions": int(state.text_count[0]),
+            "processes": shard.world,
+        }

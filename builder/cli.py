@@ -1,0 +1,124 @@
+"""`build-neuron-dataset`: thin typer commands over the stages. Heavy imports happen lazily."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from builder.errors import BuilderError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    help="Build a validated Hugging Face dataset of a vision-language model's neurons.",
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False, show_time=True)],
+        force=True,
+    )
+    from builder.quiet import quiet_libraries
+
+    quiet_libraries()
+    for noisy in ("httpx", "datasets", "transformers", "huggingface_hub", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(e: Exception) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+@app.callback(invoke_without_command=True)
+def build(
+    ctx: typer.Context,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", help="Bundled recipe name or YAML path.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/<recipe name>).")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a recipe key: dotted.key=value.")] = [],
+    force: Annotated[list[str], typer.Option(help="Redo this stage and every stage after it.")] = [],
+    until: Annotated[Optional[str], typer.Option(help="Stop after this stage.")] = None,
+    push_to_hub: Annotated[
+        Optional[str], typer.Option(help="Publish the dataset to this Hub repo (org/name) at the end.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run every stage of RECIPE into the run directory; the dataset lands in OUT/dataset."""
+    if ctx.invoked_subcommand:
+        return
+    if recipe is None:
+        err.print(ctx.get_help())
+        raise _fail(BuilderError("--recipe is required (try `build-neuron-dataset recipes`)"))
+    _setup_logging(verbose)
+    try:
+        from builder.config import load_recipe
+        from builder.pipeline import default_stages
+        from builder.run import Executor
+
+        resolved = load_recipe(recipe, set_)
+        run_dir = out or Path("runs") / resolved.recipe.name
+        executor = Executor(resolved, run_dir, default_stages())
+        outcomes = executor.run(force=force, until=until)
+    except BuilderError as e:
+        raise _fail(e) from e
+    ran = [o.name for o in outcomes if o.ran]
+    err.print(
+        f"[green]done[/]: {run_dir} ({'ran ' + ', '.join(ran) if ran else 'every stage up to date'})",
+        highlight=False,
+    )
+    if push_to_hub is not None:
+        publish(run_dir / "dataset", repo=push_to_hub, version=None, private=resolved.publish.private)
+
+
+@app.command("recipes")
+def recipes() -> None:
+    """List the bundled recipes."""
+    from builder.config import list_recipes
+
+    for name, description in list_recipes().items():
+        typer.echo(f"{name:<14} {description}")
+
+
+@app.command("validate")
+def validate(path: Annotated[Path, typer.Argument(help="A dataset folder (RUN_DIR/dataset) or a run directory.")]) -> None:
+    """Check a dataset folder; exit 1 on any failure."""
+    from validation import validate_dataset
+
+    if (path / "dataset").is_dir() and not (path / "README.md").exists():
+        path = path / "dataset"
+    report = validate_dataset(path)
+    typer.echo(report.render())
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+def publish(path: Path, repo: str, version: Optional[str], private: bool) -> None:
+    """Validate, then upload the dataset folder as one Hub commit and tag it."""
+    try:
+        from builder.publish import publish_dataset
+    except ImportError as e:  # pragma: no cover - the module ships with the package
+        raise _fail(BuilderError(f"publishing is unavailable: {e}")) from e
+    try:
+        result = publish_dataset(path, repo=repo, version=version, private=private)
+    except BuilderError as e:
+        raise _fail(e) from e
+    typer.echo(result.summary())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

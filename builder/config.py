@@ -1,0 +1,313 @@
+"""The recipe: one typed, validated, immutable config tree with one section per stage.
+
+A recipe is YAML whose top-level keys are the sections below. Unknown keys are refused,
+every value is type-checked, and `--set dotted.key=value` overrides are parsed as YAML
+scalars and validated like the file itself. Errors surface as :class:`RecipeError`, a
+one-line message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from builder.errors import RecipeError
+
+
+class Section(BaseModel):
+    """Base for every recipe section: frozen, unknown keys refused, defaults documented."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class RecipeInfo(Section):
+    name: str = "unnamed"
+    """Recipe name; the default run directory is `runs/<name>`."""
+    description: str = ""
+    """One line shown by `build-neuron-dataset recipes`."""
+
+
+class ModelConfig(Section):
+    id: str = "builtin:planted-llava"
+    """Hub id, local `save_pretrained` folder, or `builtin:tiny-llava` / `builtin:planted-llava`."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); the resolved commit is recorded in the manifest."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Weights and compute dtype; activations are always reduced in float32."""
+    device: str = "auto"
+    """`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:1`, ..."""
+    attn_implementation: Literal["eager", "sdpa"] | None = None
+    """Attention kernel passed to `from_pretrained` (None: the library's default)."""
+    seed: int = 0
+    """Seed of the built-in models' weights (ignored for real checkpoints)."""
+    license: str = "other"
+    """The model's license, carried into the dataset card."""
+
+
+class CorpusConfig(Section):
+    kind: Literal["builtin", "folder", "llava-json", "hf"] = "builtin"
+    """Where samples come from: see README 'Corpora'."""
+    path: str = "shapes"
+    """builtin: corpus name; folder: directory with captions.jsonl; llava-json: the JSON file;
+    hf: Hub id, `load_from_disk` folder or parquet file(s)."""
+    image_root: str | None = None
+    """llava-json: folder the JSON's `image` paths are relative to."""
+    limit: int | None = Field(default=None, ge=1)
+    """Use at most this many samples (a seeded random subset when `shuffle_seed` is set)."""
+    shuffle_seed: int | None = None
+    """Seed of the random subset taken with `limit` (None: the first `limit` samples)."""
+    size: int = Field(default=64, ge=1)
+    """builtin: number of samples generated."""
+    split: str = "train"
+    """hf: split to read."""
+    image_column: str = "image"
+    """hf: column holding the image."""
+    caption_column: str = "caption"
+    """hf: column holding the caption (a string or a list of strings)."""
+    id_column: str | None = None
+    """hf: column with a stable source id (None: the row index)."""
+    streaming: bool = False
+    """hf: stream the dataset instead of downloading it whole."""
+    caption_index: int = Field(default=0, ge=0)
+    """Which caption to use when a sample has several."""
+    dedup: bool = True
+    """Skip images whose content hash was already seen."""
+    max_image_pixels: int = Field(default=50_000_000, ge=1)
+    """Larger images are skipped instead of decoded (decompression-bomb bound)."""
+    license: str = "other"
+    """The corpus's license, carried into the dataset card."""
+
+
+class TextConfig(Section):
+    source: Literal["caption", "generate"] = "caption"
+    """`caption`: the corpus caption is the description; `generate`: the model describes the image."""
+    prompt: str = "Could you describe the image?"
+    """The user turn; also the question before a caption in `caption` mode."""
+    max_new_tokens: int = Field(default=256, ge=1)
+    """generate: maximum description length."""
+    batch_size: int = Field(default=8, ge=1)
+    """generate: images per generation batch."""
+
+
+class CaptureConfig(Section):
+    hook: Literal["act_fn", "down_proj_input"] = "act_fn"
+    """`act_fn`: SiLU(gate_proj(x)) (the paper's neuron); `down_proj_input`: SiLU(gate)*up."""
+    batch_size: int = Field(default=8, ge=1)
+    """Samples per forward pass."""
+    top_m: int = Field(default=8, ge=1)
+    """Order statistics kept per modality for each top sample (>= both min-token counts)."""
+    checkpoint_every: int = Field(default=50, ge=1)
+    """Save the streaming state every this many batches."""
+    num_workers: int = Field(default=0, ge=0)
+    """DataLoader worker processes that decode images and tokenise ahead of the GPU."""
+
+
+class ClassifyConfig(Section):
+    top_n: int = Field(default=50, ge=1)
+    """Top samples kept per neuron (N)."""
+    visual_threshold: float = Field(default=2.0, ge=0, le=10)
+    """Tv on the 0-10 scale."""
+    visual_min_tokens: int = Field(default=4, ge=1)
+    """nv: visual tokens above Tv that make a sample visual-activated."""
+    text_threshold: float = Field(default=3.0, ge=0, le=10)
+    """Tt on the 0-10 scale."""
+    text_min_tokens: int = Field(default=2, ge=1)
+    """nt: description tokens above Tt that make a sample text-activated."""
+    strict: bool = True
+    """Compare with `>` (True, the paper) or `>=` (False)."""
+    confidence: float = Field(default=0.8, ge=0, le=1)
+    """A neuron is high-confidence when its winning fraction exceeds this."""
+    tie_break: list[Literal["visual", "text", "multimodal", "unknown"]] = [
+        "visual",
+        "text",
+        "multimodal",
+        "unknown",
+    ]
+    """Preference order when two categories have the same fraction."""
+    significance: bool = False
+    """Also run the permutation test of visual vs text activation (extra columns)."""
+    permutations: int = Field(default=1000, ge=10)
+    """Permutations of the significance test."""
+    seed: int = 0
+    """Seed of the significance test."""
+
+    @model_validator(mode="after")
+    def _tie_break_is_a_permutation(self) -> ClassifyConfig:
+        if sorted(self.tie_break) != sorted(["visual", "text", "multimodal", "unknown"]):
+            raise ValueError("tie_break must list visual, text, multimodal and unknown once each")
+        return self
+
+
+class ExemplarsConfig(Section):
+    shown: int = Field(default=5, ge=0)
+    """Top samples shown to the explainer per neuron."""
+    held_out: int = Field(default=5, ge=0)
+    """Top samples kept back for scoring per neuron."""
+    per_category: int = Field(default=10, ge=0)
+    """Neurons selected per (layer, category) for explanation."""
+    selection: Literal["top_confidence", "random"] = "top_confidence"
+    """How neurons are chosen within each (layer, category)."""
+    seed: int = 0
+    """Seed of the random selection and of the shown/held-out split."""
+
+
+class ExplainConfig(Section):
+    backend: Literal["openai", "offline"] = "offline"
+    """`openai`: an OpenAI-compatible endpoint; `offline`: the statistical baseline explainer."""
+    model: str = "gpt-4o"
+    """Explainer model name sent to the endpoint."""
+    max_concurrency: int = Field(default=8, ge=1)
+    """Requests in flight at once."""
+
+
+class SimulateConfig(Section):
+    backend: Literal["openai", "offline"] = "offline"
+    """Simulator backend (see README 'Simulators')."""
+
+
+class PackageConfig(Section):
+    version: str = Field(default="0.1.0", pattern=r"^\d+\.\d+\.\d+$")
+    """Dataset version; published as tag `vX.Y.Z`."""
+    pretty_name: str | None = None
+    """Title of the dataset card (default: derived from the model id)."""
+
+
+class PublishConfig(Section):
+    repo: str | None = None
+    """Hub dataset repo `org/name` (used by `--push-to-hub` without a value)."""
+    private: bool = False
+    """Create the repo private."""
+
+
+class Recipe(Section):
+    """A whole recipe: what to run and every parameter of every stage."""
+
+    recipe: RecipeInfo = RecipeInfo()
+    model: ModelConfig = ModelConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    text: TextConfig = TextConfig()
+    capture: CaptureConfig = CaptureConfig()
+    classify: ClassifyConfig = ClassifyConfig()
+    exemplars: ExemplarsConfig = ExemplarsConfig()
+    explain: ExplainConfig = ExplainConfig()
+    simulate: SimulateConfig = SimulateConfig()
+    package: PackageConfig = PackageConfig()
+    publish: PublishConfig = PublishConfig()
+
+    @model_validator(mode="after")
+    def _order_statistics_cover_thresholds(self) -> Recipe:
+        need = max(self.classify.visual_min_tokens, self.classify.text_min_tokens)
+        if self.capture.top_m < need:
+            raise ValueError(
+                f"capture.top_m={self.capture.top_m} must be >= max(classify.visual_min_tokens, "
+                f"classify.text_min_tokens)={need} for exact classification"
+            )
+        return self
+
+    def section_dict(self, name: str) -> dict[str, Any]:
+        """One section as plain JSON-able data (used for stage fingerprints)."""
+        return getattr(self, name).model_dump(mode="json")
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+def bundled_recipes_dir() -> Path:
+    """Folder of the recipes shipped with the package (or the repo's `recipes/` in a checkout)."""
+    packaged = Path(str(resources.files("builder"))) / "recipes"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def list_recipes() -> dict[str, str]:
+    """Bundled recipe names with their one-line descriptions."""
+    out = {}
+    for path in sorted(bundled_recipes_dir().glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        out[path.stem] = str((data.get("recipe") or {}).get("description", ""))
+    return out
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        return path
+    bundled = bundled_recipes_dir() / f"{name_or_path}.yaml"
+    if not bundled.is_file():
+        names = ", ".join(list_recipes()) or "none"
+        raise RecipeError(f"unknown recipe {name_or_path!r}; bundled recipes: {names}, or give a YAML path")
+    return bundled
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, raw_value: str) -> None:
+    keys = dotted.split(".")
+    if not all(keys):
+        raise RecipeError(f"--set {dotted}={raw_value}: key must look like section.key")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value != "" else ""
+    except yaml.YAMLError:
+        value = raw_value
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {dotted}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        section = first["loc"][:-1]
+        allowed = _allowed_keys(section)
+        return f"{source}: unknown key {key!r}; allowed here: {', '.join(allowed)}"
+    if first["type"] == "literal_error":
+        return f"{source}: {key}: {first['msg']} (got {first['input']!r})"
+    msg = first["msg"]
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {key}: {msg} (got {first.get('input')!r}){more}"
+
+
+def _allowed_keys(section_path: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in section_path:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a bundled recipe by name or a YAML file by path, apply `key=value` overrides."""
+    path = resolve_recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    data.setdefault("recipe", {}).setdefault("name", path.stem)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), raw)
+    return recipe_from_dict(data, source=str(path))
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_validation_error(e, source)) from e

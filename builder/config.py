@@ -33,12 +33,12 @@ class RecipeInfo(Section):
 
 
 class ModelConfig(Section):
-    id: str = "builtin:planted-llava"
+    id: str = "llava-hf/llava-1.5-7b-hf"
     """Hub id, local `save_pretrained` folder, or `builtin:tiny-llava` / `builtin:planted-llava`."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); the resolved commit is recorded in the manifest."""
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    """Weights and compute dtype; activations are always reduced in float32."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
+    """Weights and compute dtype (`auto`: the checkpoint's own); activations are reduced in float32."""
     device: str = "auto"
     """`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:1`, ..."""
     attn_implementation: Literal["eager", "sdpa"] | None = None

@@ -47,6 +47,14 @@ class ModelConfig(Section):
     """Seed of the built-in models' weights (ignored for real checkpoints)."""
     license: str = "other"
     """The model's license, carried into the dataset card."""
+    layers: int | None = Field(default=None, ge=1)
+    """Declared decoder layers, used by --dry-run when no model config is available offline."""
+    neurons_per_layer: int | None = Field(default=None, ge=1)
+    """Declared FFN width (neurons per layer), for --dry-run without a config."""
+    hidden_size: int | None = Field(default=None, ge=1)
+    """Declared hidden size, for --dry-run's compute estimate without a config."""
+    image_tokens: int | None = Field(default=None, ge=1)
+    """Declared image tokens per sample, for --dry-run without a config."""
 
 
 class CorpusConfig(Section):
@@ -170,6 +178,25 @@ class SimulateConfig(Section):
     """Simulator backend (see README 'Simulators')."""
 
 
+class PlanConfig(Section):
+    """Inputs of --dry-run's time estimate."""
+
+    capture_samples_per_second: float | None = Field(default=None, gt=0)
+    """Measured capture throughput on your GPU (benchmarks/capture.py); None: roofline estimate."""
+    generate_tokens_per_second: float | None = Field(default=None, gt=0)
+    """Measured generation throughput (new tokens/s over a batch); None: roofline estimate."""
+    peak_tflops: float = Field(default=989.0, gt=0)
+    """Dense bf16 peak of the GPU for the roofline estimate (H100 SXM: 989)."""
+    memory_bandwidth_gbs: float = Field(default=3350.0, gt=0)
+    """GPU memory bandwidth in GB/s for the decoding estimate (H100 SXM: 3350)."""
+    utilisation: float = Field(default=0.4, gt=0, le=1)
+    """Assumed fraction of peak reached."""
+    template_tokens: int = Field(default=20, ge=0)
+    """Chat-template tokens per sample (BOS, USER:, the prompt, ASSISTANT:)."""
+    caption_tokens: int = Field(default=20, ge=0)
+    """Typical caption length in tokens when text.source is caption."""
+
+
 class PackageConfig(Section):
     version: str = Field(default="0.1.0", pattern=r"^\d+\.\d+\.\d+$")
     """Dataset version; published as tag `vX.Y.Z`."""
@@ -198,6 +225,7 @@ class Recipe(Section):
     simulate: SimulateConfig = SimulateConfig()
     package: PackageConfig = PackageConfig()
     publish: PublishConfig = PublishConfig()
+    plan: PlanConfig = PlanConfig()
 
     @model_validator(mode="after")
     def _order_statistics_cover_thresholds(self) -> Recipe:

@@ -10,6 +10,7 @@ everything upstream. Changing an input therefore redoes that stage and all that 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -84,6 +85,31 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a multi-process launch (`accelerate launch`, torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> Processes:
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every process (no-op in a single process)."""
+        if self.world > 1:
+            import torch
+            from accelerate import PartialState
+
+            # Without CUDA, accelerate only joins the process group (gloo) when told cpu=True.
+            PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+
+
 class RunDir:
     """Paths of one run directory. Stages write only below it."""
 
@@ -132,10 +158,15 @@ class RunDir:
 class RunContext:
     """What a stage gets: the recipe, the run directory and shared, lazily built resources."""
 
-    def __init__(self, recipe: Recipe, run_dir: RunDir, manifest: Manifest):
+    def __init__(self, recipe: Recipe, run_dir: RunDir, manifest: Manifest, processes: Processes | None = None):
         self.recipe = recipe
         self.run_dir = run_dir
         self.manifest = manifest
+        self.processes = processes or Processes()
+
+    def save_manifest(self) -> None:
+        if self.processes.is_main:
+            self.manifest.save(self.run_dir.manifest_path)
 
     @cached_property
     def vlm(self) -> Any:
@@ -144,7 +175,7 @@ class RunContext:
 
         loaded = load_vlm(self.recipe.model)
         self.manifest.model.update(loaded.provenance())
-        self.manifest.save(self.run_dir.manifest_path)
+        self.save_manifest()
         return loaded
 
 
@@ -207,7 +238,8 @@ class Executor:
         self.manifest = Manifest.load(mp) if mp.exists() else Manifest()
         self.manifest.recipe = recipe.model_dump(mode="json")
         self.manifest.package = {"version": __version__, "git_commit": git_commit()}
-        self.ctx = RunContext(recipe, self.run_dir, self.manifest)
+        self.processes = Processes.from_env()
+        self.ctx = RunContext(recipe, self.run_dir, self.manifest, self.processes)
 
     def stage_names(self) -> list[str]:
         return [s.name for s in self.stages]
@@ -223,7 +255,21 @@ class Executor:
         forced_from = min((self.stage_names().index(f) for f in force), default=None)
         upstream = stable_hash({"recipe_name": self.recipe.recipe.name})
         outcomes = []
+        procs = self.processes
+        distributed = [bool(getattr(s, "distributed", False)) for s in self.stages]
+        first_distributed = distributed.index(True) if any(distributed) else len(self.stages)
+        last_distributed = len(distributed) - 1 - distributed[::-1].index(True) if any(distributed) else -1
         for i, stage in enumerate(self.stages):
+            if procs.world > 1 and i == first_distributed:
+                # The main process ran every stage before this one; the others now read its manifest.
+                procs.barrier()
+                if not procs.is_main:
+                    self.manifest = Manifest.load(self.run_dir.manifest_path)
+                    self.ctx.manifest = self.manifest
+            if procs.world > 1 and not procs.is_main and (i < first_distributed or i > last_distributed):
+                if i > last_distributed:
+                    break
+                continue
             fingerprint = stable_hash(
                 {
                     "stage": stage.name,
@@ -248,18 +294,22 @@ class Executor:
                     # Inputs changed: partial state of the old inputs must not be resumed.
                     reset = getattr(stage, "reset", None)
                     if reset is not None and record.fingerprint:
-                        reset(self.ctx)
+                        if procs.is_main:
+                            reset(self.ctx)
+                        procs.barrier()
                 record = self._run_stage(stage, fingerprint)
                 outcomes.append(StageOutcome(stage.name, True, record.seconds, record.counts))
             upstream = stable_hash([upstream, record.fingerprint, record.output_digest])
             if until == stage.name:
                 break
+        if procs.world > 1 and first_distributed == len(self.stages):
+            procs.barrier()
         return outcomes
 
     def _run_stage(self, stage: Stage, fingerprint: str) -> StageRecord:
         record = StageRecord(status="running", fingerprint=fingerprint, started_at=_now())
         self.manifest.stages[stage.name] = record
-        self.manifest.save(self.run_dir.manifest_path)
+        self.ctx.save_manifest()
         log.info("stage %-11s running", stage.name)
         t0 = time.perf_counter()
         try:
@@ -268,13 +318,16 @@ class Executor:
             record.status = "failed"
             record.error = f"{type(e).__name__}: {e}"[:500]
             record.seconds = round(time.perf_counter() - t0, 3)
-            self.manifest.save(self.run_dir.manifest_path)
+            self.ctx.save_manifest()
             raise
         record.seconds = round(time.perf_counter() - t0, 3)
         record.counts = dict(counts)
+        if not self.processes.is_main:
+            record.status = "done"  # the main process records the stage and its outputs
+            return record
         record.output_digest = outputs_digest(stage.outputs(self.ctx))
         record.status = "done"
         record.finished_at = _now()
-        self.manifest.save(self.run_dir.manifest_path)
+        self.ctx.save_manifest()
         log.info("stage %-11s done in %.1fs %s", stage.name, record.seconds, record.counts)
         return record

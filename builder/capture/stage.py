@@ -11,7 +11,6 @@ shard states are merged by the main process into `capture/state.safetensors`.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,19 +46,6 @@ class Shard:
     @property
     def checkpoint_name(self) -> str:
         return f"shard-{self.rank:03d}-of-{self.world:03d}.safetensors"
-
-
-def current_shard() -> Shard:
-    """Rank and world size from the launcher's environment (`accelerate launch`, torchrun)."""
-    return Shard(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
-
-
-def barrier() -> None:
-    """Wait for every process (no-op in a single process)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
 
 
 class BatchEncoder(torch.utils.data.Dataset):
@@ -191,11 +177,11 @@ class CaptureStage:
             f.unlink()
 
     def run(self, ctx: RunContext) -> dict[str, int]:
-        shard = current_shard()
+        shard = Shard(ctx.processes.rank, ctx.processes.world)
         out_dir = ctx.run_dir.capture_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         capture_shard(ctx, shard, out_dir / shard.checkpoint_name)
-        barrier()
+        ctx.processes.barrier()
         if shard.rank != 0:
             return {}
         state = None

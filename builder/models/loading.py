@@ -7,6 +7,7 @@ and `AutoProcessor.from_pretrained`: built-in models are first saved to a local 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,10 @@ def resolve_device(device: str) -> str:
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        # One GPU per process under `accelerate launch` / torchrun.
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return device
 
 

@@ -1,6 +1,9 @@
 """Teacher-forced model inputs and the modality masks of every position.
 
-visual = the image-token positions the processor expanded (`input_ids == image_token_id`);
+visual = the image-token positions the processor expanded (`input_ids == image_token_id`),
+exactly where the model writes image features (for LLaVA-NeXT: the base view, the anyres
+tiles and their row-newline tokens, a count that varies per image; the fixed heatmap grid
+among them is `builder.models.layout`);
 text = the tokens of the description only: chat-template tokens (BOS, "USER:", the
 question, "ASSISTANT:") and padding are in neither mask.
 """

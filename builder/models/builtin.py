@@ -98,20 +98,10 @@ def build_tokenizer(spec: TinyLlavaSpec):
     )
 
 
-def build_tiny_llava(spec: TinyLlavaSpec):
-    """Model and processor of the tiny LLaVA, random weights from `spec.seed`."""
-    import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def tiny_backbone_configs(spec: TinyLlavaSpec, tokenizer):
+    """The tiny CLIP vision tower and LLaMA language model configs shared by the built-in VLMs."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
-    tokenizer = build_tokenizer(spec)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_hidden * 2,
@@ -133,6 +123,17 @@ def build_tiny_llava(spec: TinyLlavaSpec):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return vision, text
+
+
+def build_tiny_llava(spec: TinyLlavaSpec):
+    """Model and processor of the tiny LLaVA, random weights from `spec.seed`."""
+    import torch
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer = build_tokenizer(spec)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    vision, text = tiny_backbone_configs(spec, tokenizer)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -164,12 +165,20 @@ BUILDERS = {"tiny-llava": build_tiny_llava}
 """Built-in model names (after `builtin:`) and the function that makes each."""
 
 
+BUILTIN_MODULES = ("builder.models.llava_next",)
+"""Modules that call `register_builtin` when imported (other model families)."""
+
+
 def register_builtin(name: str, builder) -> None:
     BUILDERS[name] = builder
 
 
 def materialize_builtin(name: str, seed: int = 0, root: Path | None = None) -> Path:
     """Save the built-in model `name` with `save_pretrained` (once) and return its folder."""
+    import importlib
+
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
     if name not in BUILDERS:
         from builder.errors import ModelError
 

@@ -174,8 +174,56 @@ class ExplainConfig(Section):
 
 
 class SimulateConfig(Section):
+    """How explanations are scored (METHOD.md 6; README 'Simulators')."""
+
     backend: Literal["openai", "offline"] = "offline"
-    """Simulator backend (see README 'Simulators')."""
+    """Default simulators: `openai` = `grounded` visual + `llm` text (the paper's, through the
+    explain stage's endpoint); `offline` = the no-model baselines for both."""
+    visual: Literal["grounded", "llm", "offline"] | None = None
+    """Visual simulator, overriding `backend`: `grounded` (LLM phrases -> detector -> SAM masks),
+    `llm` (a vision LLM reads a numbered grid), `offline` (VLM embedding similarity baseline)."""
+    text: Literal["llm", "offline"] | None = None
+    """Text simulator, overriding `backend`: `llm` (0-10 per token as JSON) or `offline`
+    (token-match baseline)."""
+    model: str | None = None
+    """Simulator LLM name sent to the endpoint (None: `explain.model`)."""
+    random_samples: int = Field(default=5, ge=0)
+    """Random samples outside the neuron's top-N scored beside its held-out exemplars, so a
+    prediction that is high everywhere cannot score well."""
+    seed: int = 0
+    """Seed of the random samples and of the baseline neuron choice (per neuron, order-free)."""
+    detector: str = "IDEA-Research/grounding-dino-tiny"
+    """grounded: open-vocabulary detector (Hub id or local folder; `AutoModelForZeroShotObjectDetection`)."""
+    segmenter: str = "facebook/sam-vit-base"
+    """grounded: box-prompted segmenter (Hub id or local folder; `SamModel`)."""
+    phrases: Literal["llm", "explanation"] = "llm"
+    """grounded: `llm` turns the explanation into short grounding phrases; `explanation`
+    gives the explanation itself to the detector (no LLM call)."""
+    max_phrases: int = Field(default=3, ge=1)
+    """grounded: most grounding phrases kept per explanation."""
+    box_threshold: float = Field(default=0.35, ge=0, le=1)
+    """grounded: detector box score needed to keep a box."""
+    text_threshold: float = Field(default=0.25, ge=0, le=1)
+    """grounded: detector phrase score needed to keep a box."""
+    max_boxes: int = Field(default=10, ge=1)
+    """grounded: most boxes (best scores first) segmented per image."""
+    device: str = "auto"
+    """grounded/offline: device of the simulator models (`auto`, `cpu`, `cuda`, ...)."""
+    llm_grid: int = Field(default=8, ge=1, le=24)
+    """visual llm: cells per side of the numbered grid drawn on the image (each cell's value
+    fills the patches whose centres fall in it)."""
+    image_detail: Literal["low", "high", "auto"] = "low"
+    """visual llm: detail level of the image sent to the vision LLM."""
+
+    @property
+    def visual_simulator(self) -> str:
+        """The visual simulator in use (`visual`, else the `backend` default)."""
+        return self.visual or ("grounded" if self.backend == "openai" else "offline")
+
+    @property
+    def text_simulator(self) -> str:
+        """The text simulator in use (`text`, else the `backend` default)."""
+        return self.text or ("llm" if self.backend == "openai" else "offline")
 
 
 class PlanConfig(Section):

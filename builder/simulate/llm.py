@@ -1,0 +1,29 @@
+"""The simulators' one way to an LLM: a prompt in, the answer's text out, through builder/llm.
+
+Simulators depend only on :data:`Ask`, so tests can hand them a fake; the stage builds the
+real one over the explain stage's call layer (cache, retries, typed failures, cost ledger,
+budget). A call-layer failure becomes a :class:`SimulationFailure` of kind `llm`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from PIL import Image
+
+Message = dict[str, Any]
+"""An OpenAI-style chat message: `{"role": ..., "content": str | [parts]}`."""
+
+Ask = Callable[[list[Message], str], Awaitable[str]]
+"""`await ask(messages, prompt_version)` -> the answer's text; raises SimulationFailure."""
+
+
+def image_part(image: Image.Image, detail: str = "low") -> dict[str, Any]:
+    """An `image_url` content part holding the image as a PNG data URL."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return {"type": "image_url", "image_url": {"url": url, "detail": detail}}

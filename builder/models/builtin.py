@@ -165,7 +165,7 @@ BUILDERS = {"tiny-llava": build_tiny_llava}
 """Built-in model names (after `builtin:`) and the function that makes each."""
 
 
-BUILTIN_MODULES = ("builder.models.llava_next",)
+BUILTIN_MODULES = ("builder.models.llava_next", "builder.models.planted")
 """Modules that call `register_builtin` when imported (other model families)."""
 
 

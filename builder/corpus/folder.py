@@ -8,13 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from builder.config import CorpusConfig
-from builder.corpus.base import RawSample, register_reader
+from builder.corpus.base import BadRecord, RawSample, bad_record, caption_list, register_reader
 from builder.errors import CorpusError
 from builder.io import file_digest, stable_hash
-
-
-def _read_bytes(path: Path):
-    return lambda: path.read_bytes()
 
 
 @register_reader("folder")
@@ -47,17 +43,10 @@ class FolderReader:
             try:
                 record = json.loads(line)
                 rel = str(record["image"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                yield RawSample(f"line-{lineno}", "", [], _bad_record(f"{type(e).__name__}: {e}"), source)
+                captions = caption_list(record.get("caption"))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, BadRecord) as e:
+                yield RawSample(f"line-{lineno}", "", [], bad_record(f"{type(e).__name__}: {e}"), source)
                 continue
-            caption = record.get("caption", "")
-            captions = [str(c) for c in caption] if isinstance(caption, list) else [str(caption or "")]
             path = (self.root / rel).resolve()
-            yield RawSample(rel, str(path), captions, _read_bytes(path), str(path))
-
-
-def _bad_record(detail: str):
-    def fail():
-        raise ValueError(detail)
-
-    return fail
+            # The path, not the bytes: the size is checked from the header before decoding.
+            yield RawSample(rel, str(path), captions, lambda path=path: path, str(path))

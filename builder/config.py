@@ -80,7 +80,14 @@ class CorpusConfig(Section):
     id_column: str | None = None
     """hf: column with a stable source id (None: the row index)."""
     streaming: bool = False
-    """hf: stream the dataset instead of downloading it whole."""
+    """hf: stream the dataset instead of downloading it whole; the checked images are then
+    stored under the run directory (`corpus-images/`) so later stages can reopen them."""
+    subset: str | None = None
+    """hf: the dataset's configuration (subset) name, `load_dataset(path, name=...)`."""
+    revision: str | None = None
+    """hf: Hub revision (branch, tag or commit) of the dataset; pin it for a reproducible corpus."""
+    shuffle_buffer: int = Field(default=10_000, ge=1)
+    """hf with streaming: buffer of the approximate seeded shuffle used with `limit` + `shuffle_seed`."""
     caption_index: int = Field(default=0, ge=0)
     """Which caption to use when a sample has several."""
     dedup: bool = True

@@ -2,7 +2,8 @@
 
 A heatmap cell (i, j) covers one patch of the square the VLM's image processor makes of
 the image (`ImageLayout.image_box`: the centre crop for LLaVA-1.5, the padded square when
-it pads, the whole image when it squashes). Simulators therefore work on that *view*:
+it pads, the whole image when it squashes). Simulators therefore work on that *view*
+(the same view the exemplar images are rendered from):
 a mask drawn on the view maps onto the grid by area, and a grid drawn on the view lines
 up with the patches.
 """
@@ -15,13 +16,14 @@ from PIL import Image, ImageDraw, ImageFont
 from builder.models.layout import ImageLayout
 
 
-def grid_view(image: Image.Image, layout: ImageLayout) -> Image.Image:
-    """The part of `image` the patch grid covers, as an RGB image (padding is black)."""
-    image = image.convert("RGB")
-    left, top, right, bottom = (round(v) for v in layout.image_box(*image.size))
-    if (left, top, right, bottom) == (0, 0, *image.size):
-        return image
-    return image.crop((left, top, right, bottom))
+def simulator_view(image: Image.Image, layout: ImageLayout) -> Image.Image:
+    """The part of `image` the patch grid covers, at the image's own resolution: the
+    exemplar renderer's view (`builder.exemplars.grid_view`, padding white) without its
+    resizing, so detectors see every pixel there is."""
+    from builder.exemplars import grid_view
+
+    left, _top, right, _bottom = layout.image_box(*image.size)
+    return grid_view(image, layout, max(1, round(right - left)))
 
 
 def _overlap_weights(pixels: int, cells: int) -> np.ndarray:

@@ -108,7 +108,7 @@ class GroundedSimulator:
                 found = [" ".join(explanation.split())]
             else:
                 assert self.ask is not None
-                answer = await self.ask(phrases_prompt(explanation, self.max_phrases), PHRASES_PROMPT_VERSION)
+                answer = await self.ask(phrases_prompt(explanation, self.max_phrases), 32 + 16 * self.max_phrases)
                 found = parse_phrases(answer, self.max_phrases)
             self._phrases[explanation] = found
         return self._phrases[explanation]

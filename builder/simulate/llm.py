@@ -17,8 +17,8 @@ from PIL import Image
 Message = dict[str, Any]
 """An OpenAI-style chat message: `{"role": ..., "content": str | [parts]}`."""
 
-Ask = Callable[[list[Message], str], Awaitable[str]]
-"""`await ask(messages, prompt_version)` -> the answer's text; raises SimulationFailure."""
+Ask = Callable[[list[Message], int], Awaitable[str]]
+"""`await ask(messages, max_tokens)` -> the answer's text; raises SimulationFailure."""
 
 
 def image_part(image: Image.Image, detail: str = "low") -> dict[str, Any]:
@@ -27,3 +27,19 @@ def image_part(image: Image.Image, detail: str = "low") -> dict[str, Any]:
     image.convert("RGB").save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
     return {"type": "image_url", "image_url": {"url": url, "detail": detail}}
+
+
+def client_ask(client: Any, model: str) -> Ask:
+    """An :data:`Ask` over a builder/llm `Client` (greedy decoding; failures typed)."""
+    from builder.llm.types import LLMFailure, Request
+    from builder.simulate.base import FailureKind, SimulationFailure
+
+    async def ask(messages: list[Message], max_tokens: int) -> str:
+        request = Request(model=model, messages=tuple(messages), max_tokens=max_tokens, temperature=0.0)
+        try:
+            response = await client.complete(request)
+        except LLMFailure as e:
+            raise SimulationFailure(FailureKind.LLM, str(e)) from e
+        return response.text
+
+    return ask

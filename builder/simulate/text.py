@@ -39,6 +39,11 @@ def text_prompt(explanation: str, tokens: list[str]) -> list[Message]:
     return [{"role": "system", "content": TEXT_SYSTEM}, {"role": "user", "content": user}]
 
 
+def text_max_tokens(n_tokens: int) -> int:
+    """Answer budget: about four tokens per value (`10, `) plus the JSON around them."""
+    return 32 + 4 * n_tokens
+
+
 class LLMTextSimulator:
     """The LLM predicts each token's activation (one call per sample, cached by the call layer)."""
 
@@ -53,7 +58,7 @@ class LLMTextSimulator:
             if not tokens:
                 out.append(np.zeros(0, dtype=np.float32))
                 continue
-            answer = await self.ask(text_prompt(explanation, tokens), TEXT_PROMPT_VERSION)
+            answer = await self.ask(text_prompt(explanation, tokens), text_max_tokens(len(tokens)))
             out.append(parse_token_values(answer, len(tokens)))
         return out
 

@@ -52,6 +52,11 @@ def visual_prompt(explanation: str, view: Any, cells: int, detail: str) -> list[
     ]
 
 
+def visual_max_tokens(cells: int) -> int:
+    """Answer budget: about six tokens per listed cell (`"12": 7, `), every cell listed at worst."""
+    return 32 + 6 * cells * cells
+
+
 class LLMGridSimulator:
     """A vision LLM reads a numbered grid (one call per image, cached by the call layer)."""
 
@@ -65,9 +70,34 @@ class LLMGridSimulator:
     async def simulate(self, explanation: str, samples: list[VisualSample], grid: tuple[int, int]) -> list[np.ndarray]:
         out = []
         for s in samples:
-            answer = await self.ask(visual_prompt(explanation, s.view, self.cells, self.detail), VISUAL_PROMPT_VERSION)
+            answer = await self.ask(visual_prompt(explanation, s.view, self.cells, self.detail), visual_max_tokens(self.cells))
             out.append(cell_to_patch_map(parse_cell_values(answer, self.cells, self.cells), grid))
         return out
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once what it needed was seen."""
+
+
+def first_layer_input(vlm: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[batch, seq, hidden]: what the first decoder layer receives, i.e. the input embeddings
+    with the image features merged in at the image positions. The forward stops there."""
+    first_mlp = vlm.mlps()[0].module
+    layer = next(m for _, m in vlm.model.named_modules() if getattr(m, "mlp", None) is first_mlp)
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(_module: Any, args: tuple, kwargs: dict) -> None:
+        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        getattr(vlm.model, "model", vlm.model)(**inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen["hidden"]
 
 
 class EmbeddingSimilaritySimulator:
@@ -80,7 +110,7 @@ class EmbeddingSimilaritySimulator:
         self.layout = layout
         self.prompt = prompt
         self.cache_size = cache_size
-        self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._features: OrderedDict[str, np.ndarray] = OrderedDict()
 
     @torch.inference_mode()
     def word_vectors(self, words: list[str]) -> torch.Tensor:
@@ -94,8 +124,9 @@ class EmbeddingSimilaritySimulator:
         return torch.stack(rows)
 
     @torch.inference_mode()
-    def patch_features(self, samples: list[VisualSample]) -> list[torch.Tensor]:
-        """[H*W, hidden] per sample: the image tokens' input embeddings in grid order (cached)."""
+    def patch_features(self, samples: list[VisualSample]) -> list[np.ndarray]:
+        """float32 [H*W, hidden] per sample: the image tokens' input embeddings in grid order,
+        unit-normalised (cached per sample)."""
         from builder.capture.inputs import encode_batch
 
         missing = [s for s in samples if s.sample_id not in self._features]
@@ -103,15 +134,12 @@ class EmbeddingSimilaritySimulator:
             vlm = self.vlm
             batch = encode_batch(vlm.processor, [s.image for s in missing], [""] * len(missing), self.prompt,
                                  vlm.image_token_id, list(range(len(missing))), device=vlm.device)
-            # The merged sequence (image features at the image positions) is what the
-            # decoder's first layer receives: hidden_states[0].
-            base = getattr(vlm.model, "model", vlm.model)
-            out = base(**batch.inputs, output_hidden_states=True)
-            hidden = out.hidden_states[0]
+            hidden = first_layer_input(vlm, batch.inputs)
             for i, s in enumerate(missing):
                 visual = hidden[i][batch.visual_mask[i]].float()  # [n_visual, hidden] in sequence order
                 grid_rows = self.layout.grid_indices(visual.shape[0]).to(visual.device)
-                self._features[s.sample_id] = visual.index_select(0, grid_rows).cpu()
+                grid_feats = torch.nn.functional.normalize(visual.index_select(0, grid_rows), dim=-1)
+                self._features[s.sample_id] = grid_feats.cpu().numpy()
                 while len(self._features) > self.cache_size:
                     self._features.popitem(last=False)
         return [self._features[s.sample_id] for s in samples]
@@ -120,11 +148,9 @@ class EmbeddingSimilaritySimulator:
         words = content_words(explanation)
         if not words:  # nothing to look for: a constant (uninformative) prediction
             return [np.zeros(grid, dtype=np.float32) for _ in samples]
-        with torch.inference_mode():
-            vectors = torch.nn.functional.normalize(self.word_vectors(words).cpu(), dim=-1)
-            out = []
-            for feats in self.patch_features(samples):
-                sim = torch.nn.functional.normalize(feats, dim=-1) @ vectors.T  # [H*W, n_words]
-                pred = (sim.max(-1).values.clamp(min=0) * 10).reshape(grid)
-                out.append(pred.numpy().astype(np.float32))
+        vectors = torch.nn.functional.normalize(self.word_vectors(words), dim=-1).cpu().numpy()
+        out = []
+        for feats in self.patch_features(samples):
+            cosine = feats @ vectors.T  # [H*W, n_words]
+            out.append((np.clip(cosine.max(-1), 0, None) * 10).reshape(grid).astype(np.float32))
         return out

@@ -13,7 +13,7 @@ from PIL import Image
 from builder.errors import ModelError
 from builder.simulate.base import FailureKind, SimulationFailure, VisualSample
 from builder.simulate.grid import patch_coverage
-from builder.simulate.grounded import PHRASES_PROMPT_VERSION, GroundedSimulator, load_grounding_models
+from builder.simulate.grounded import GroundedSimulator, load_grounding_models
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,14 @@ def _image(w: int = 80, h: int = 60) -> Image.Image:
 
 
 class FakeLLM:
-    """Stands in for the call layer: records prompts, answers a fixed text."""
+    """Stands in for the call layer: records (messages, max_tokens), answers a fixed text."""
 
     def __init__(self, answer: str):
         self.answer = answer
         self.calls: list[tuple[list, str]] = []
 
-    async def __call__(self, messages, version):
-        self.calls.append((messages, version))
+    async def __call__(self, messages, max_tokens):
+        self.calls.append((messages, max_tokens))
         return self.answer
 
 
@@ -90,8 +90,8 @@ def test_end_to_end_with_llm_phrases(models):
     view = samples[0].view
     boxes, _ = sim.detect(view, ["red square", "a circle"])
     np.testing.assert_allclose(preds[0], patch_coverage(sim.segment(view, boxes), (6, 6)) * 10, atol=1e-6)
-    # phrases asked once per explanation, deduplicated, with a versioned prompt naming the explanation
-    assert len(llm.calls) == 1 and llm.calls[0][1] == PHRASES_PROMPT_VERSION
+    # phrases asked once per explanation, deduplicated, with a prompt naming the explanation
+    assert len(llm.calls) == 1 and llm.calls[0][1] == 32 + 16 * 3
     assert "red squares" in json.dumps(llm.calls[0][0])
     assert asyncio.run(sim.phrases("red squares")) == ["red square", "a circle"]
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from builder.simulate.base import FailureKind, SimulationFailure, VisualSample
-from builder.simulate.grid import cell_to_patch_map, draw_numbered_grid, grid_view, patch_coverage
-from builder.simulate.text import TEXT_PROMPT_VERSION, LLMTextSimulator, TokenMatchSimulator, text_prompt
-from builder.simulate.visual import VISUAL_PROMPT_VERSION, EmbeddingSimilaritySimulator, LLMGridSimulator
+from builder.simulate.grid import cell_to_patch_map, draw_numbered_grid, patch_coverage, simulator_view
+from builder.simulate.text import LLMTextSimulator, TokenMatchSimulator, text_max_tokens, text_prompt
+from builder.simulate.visual import EmbeddingSimilaritySimulator, LLMGridSimulator, visual_max_tokens
 from builder.simulate.words import content_words, token_text
 
 
@@ -21,8 +21,8 @@ class FakeLLM:
         self.answers = list(answers)
         self.calls: list[tuple[list, str]] = []
 
-    async def __call__(self, messages, version):
-        self.calls.append((messages, version))
+    async def __call__(self, messages, max_tokens):
+        self.calls.append((messages, max_tokens))
         return self.answers[min(len(self.calls), len(self.answers)) - 1]
 
 
@@ -45,8 +45,8 @@ def test_llm_text_simulator_prompt_and_answer():
     llm = FakeLLM('{"activations": [0, 9, 1]}')
     preds = asyncio.run(LLMTextSimulator(llm).simulate("the colour red", [["a", " red", " circle"]]))
     np.testing.assert_array_equal(preds[0], [0, 9, 1])
-    messages, version = llm.calls[0]
-    assert version == TEXT_PROMPT_VERSION
+    messages, max_tokens = llm.calls[0]
+    assert max_tokens == text_max_tokens(3) >= 3 * 4
     assert messages == text_prompt("the colour red", ["a", " red", " circle"])
     assert "this neuron activates for the colour red" in messages[1]["content"]
     assert "1\t'a'\n2\t' red'\n3\t' circle'" in messages[1]["content"]
@@ -70,8 +70,8 @@ def test_llm_grid_simulator_maps_cells_onto_patches():
     expected = cell_to_patch_map(np.array([[10, 0], [0, 4.0]]), (6, 6))
     np.testing.assert_array_equal(preds[0], expected)
     assert preds[0][:3, :3].min() == 10 and preds[0][3:, 3:].min() == 4 and preds[0][:3, 3:].max() == 0
-    messages, version = llm.calls[0]
-    assert version == VISUAL_PROMPT_VERSION
+    messages, max_tokens = llm.calls[0]
+    assert max_tokens == visual_max_tokens(2)
     parts = messages[1]["content"]
     assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
     assert parts[1]["image_url"]["detail"] == "low"
@@ -98,16 +98,16 @@ def test_grid_helpers():
     assert np.asarray(drawn).max() > 0  # lines and numbers were drawn on black
 
 
-def test_grid_view_follows_the_layout():
+def test_simulator_view_is_the_grid_square_at_full_resolution():
     from builder.models.layout import ImageLayout
 
     img = Image.new("RGB", (80, 40))
     img.paste((255, 0, 0), (20, 0, 60, 40))  # the centre square is red
-    crop = ImageLayout("llava", 6, 6, 0, exact=True, fit="crop")
-    view = grid_view(img, crop)
+    view = simulator_view(img, ImageLayout("llava", 6, 6, 0, exact=True, fit="crop"))
     assert view.size == (40, 40) and np.asarray(view)[..., 0].min() == 255
-    assert grid_view(img, ImageLayout("llava", 6, 6, 0, exact=True, fit="squash")).size == (80, 40)
-    assert grid_view(img, ImageLayout("llava", 6, 6, 0, exact=True, fit="pad")).size == (80, 80)
+    assert simulator_view(img, ImageLayout("llava", 6, 6, 0, exact=True, fit="squash")).size == (80, 80)
+    padded = np.asarray(simulator_view(img, ImageLayout("llava", 6, 6, 0, exact=True, fit="pad")))
+    assert padded.shape == (80, 80, 3) and padded[0, 0].tolist() == [255, 255, 255]  # padding is white
 
 
 def test_offline_embedding_baseline(tiny_vlm):
@@ -116,16 +116,28 @@ def test_offline_embedding_baseline(tiny_vlm):
     layout = image_layout(tiny_vlm.model.config, tiny_vlm.processor.image_processor)
     sim = EmbeddingSimilaritySimulator(tiny_vlm, layout, "Could you describe the image?")
     images = [Image.new("RGB", (60, 48), (255, 0, 0)), Image.new("RGB", (48, 48), (0, 0, 255))]
-    samples = [VisualSample(str(i), grid_view(im, layout), im) for i, im in enumerate(images)]
+    samples = [VisualSample(str(i), simulator_view(im, layout), im) for i, im in enumerate(images)]
     grid = (layout.height, layout.width)
     preds = asyncio.run(sim.simulate("a red circle", samples, grid))
     assert [p.shape for p in preds] == [grid, grid]
     assert all(((p >= 0) & (p <= 10)).all() for p in preds)
     # the same by hand: 10 x max(0, max over words of the cosine of word and patch vectors)
     feats = sim.patch_features(samples)[0]
-    words = sim.word_vectors(["red", "circle"])
-    cos = (feats / feats.norm(dim=-1, keepdim=True)) @ (words / words.norm(dim=-1, keepdim=True)).T
-    np.testing.assert_allclose(preds[0].reshape(-1), (cos.max(-1).values.clamp(min=0) * 10).numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=-1), 1, atol=1e-5)
+    words = sim.word_vectors(["red", "circle"]).numpy()
+    cos = feats @ (words / np.linalg.norm(words, axis=-1, keepdims=True)).T
+    np.testing.assert_allclose(preds[0].reshape(-1), np.clip(cos.max(-1), 0, None) * 10, atol=1e-5)
+    # the features are the first decoder layer's input, as the full forward's hidden_states[0]
+    import torch
+
+    from builder.capture.inputs import encode_batch
+    from builder.simulate.visual import first_layer_input
+
+    batch = encode_batch(tiny_vlm.processor, images, ["", ""], "Could you describe the image?",
+                         tiny_vlm.image_token_id, [0, 1])
+    with torch.inference_mode():
+        full = tiny_vlm.model.model(**batch.inputs, output_hidden_states=True).hidden_states[0]
+        torch.testing.assert_close(first_layer_input(tiny_vlm, batch.inputs), full)
     # features are cached per sample; no content word gives a constant (zero) prediction
     assert set(sim._features) == {"0", "1"}
     assert all(p.sum() == 0 for p in asyncio.run(sim.simulate("the things of the", samples, grid)))

@@ -66,6 +66,8 @@ def build(
         from builder.pipeline import default_stages
         from builder.run import Executor
 
+        if push_to_hub is not None:
+            set_ = [*set_, f"publish.repo={push_to_hub}"]  # the card's load snippet names the repo
         resolved = load_recipe(recipe, set_)
         run_dir = out or Path("runs") / resolved.recipe.name
         executor = Executor(resolved, run_dir, default_stages())
@@ -95,20 +97,43 @@ def validate(path: Annotated[Path, typer.Argument(help="A dataset folder (RUN_DI
     """Check a dataset folder; exit 1 on any failure."""
     from validation import validate_dataset
 
-    if (path / "dataset").is_dir() and not (path / "README.md").exists():
-        path = path / "dataset"
     report = validate_dataset(path)
     typer.echo(report.render())
     if not report.ok:
         raise typer.Exit(code=1)
 
 
+@app.command("publish")
+def publish_command(
+    path: Annotated[Path, typer.Argument(help="A dataset folder (RUN_DIR/dataset) or a run directory.")],
+    repo: Annotated[
+        Optional[str], typer.Option(help="Hub dataset repo ORG/NAME (default: the recipe's publish.repo).")
+    ] = None,
+    version: Annotated[
+        Optional[str], typer.Option(help="Version to tag as vX.Y.Z (default and must match: package.version).")
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Validate a dataset folder, upload it to the Hub as one commit and tag it vX.Y.Z."""
+    _setup_logging(verbose)
+    if repo is None:
+        from validation import resolve_dataset_dir
+
+        recipe_json = resolve_dataset_dir(path) / "recipe.json"
+        if recipe_json.exists():
+            import json
+
+            repo = (json.loads(recipe_json.read_text()).get("publish") or {}).get("repo")
+        if not repo:
+            raise _fail(BuilderError("--repo ORG/NAME is required (the recipe sets no publish.repo)"))
+    publish(path, repo=repo, version=version, private=private)
+
+
 def publish(path: Path, repo: str, version: Optional[str], private: bool) -> None:
     """Validate, then upload the dataset folder as one Hub commit and tag it."""
-    try:
-        from builder.publish import publish_dataset
-    except ImportError as e:  # pragma: no cover - the module ships with the package
-        raise _fail(BuilderError(f"publishing is unavailable: {e}")) from e
+    from builder.publish import publish_dataset
+
     try:
         result = publish_dataset(path, repo=repo, version=version, private=private)
     except BuilderError as e:

@@ -221,10 +221,6 @@ class SimulateConfig(Section):
     fills the patches whose centres fall in it)."""
     image_detail: Literal["low", "high", "auto"] = "low"
     """visual llm: detail level of the image sent to the vision LLM."""
-    budget_usd: float | None = Field(default=None, ge=0)
-    """Stop sending simulator requests before this many dollars are spent by this stage
-    (ledger scope `simulate`, priced with `explain.prices`); unsent ones fail
-    `llm: budget_exhausted`. None: no cap."""
 
     @property
     def visual_simulator(self) -> str:
@@ -261,6 +257,14 @@ class PackageConfig(Section):
     """Dataset version; published as tag `vX.Y.Z`."""
     pretty_name: str | None = None
     """Title of the dataset card (default: derived from the model id)."""
+    max_shard_mb: float = Field(default=400.0, gt=0)
+    """Parquet shards rotate past this many MB of uncompressed data (the Hub suggests < 500 MB)."""
+    row_group_mb: float = Field(default=64.0, gt=0)
+    """Row groups hold at most this many MB of uncompressed data (the viewer reads whole row groups)."""
+    image_rows_per_group: int = Field(default=100, ge=1)
+    """Row groups of configs with images (exemplars) hold at most this many rows."""
+    card_examples: int = Field(default=3, ge=0)
+    """Example neurons per category in the card's table (best scores first)."""
 
 
 class PublishConfig(Section):

@@ -24,8 +24,11 @@ class ValidateStage:
         from validation import validate_dataset
 
         report = validate_dataset(ctx.run_dir.dataset)
+        write_text(ctx.run_dir.path("validation.txt"), report.render() + "\n")  # the full report, pass or fail
         if not report.ok:
             failed = "; ".join(f"{c.name}: {c.detail}" for c in report.failures[:3])
-            raise StageError(f"the dataset in {ctx.run_dir.dataset} failed validation: {failed}")
-        write_text(ctx.run_dir.path("validation.txt"), report.render() + "\n")
+            raise StageError(
+                f"the dataset in {ctx.run_dir.dataset} failed {len(report.failures)} checks ({failed}); "
+                f"full report: {ctx.run_dir.path('validation.txt')}"
+            )
         return {"checks": len(report.checks), "failed": 0}

@@ -4,6 +4,6 @@
 prints it and exits non-zero when any check failed. `publish` refuses a failing folder.
 """
 
-from validation.checks import Check, Report, validate_dataset
+from validation.checks import Check, Report, resolve_dataset_dir, validate_dataset
 
-__all__ = ["Check", "Report", "validate_dataset"]
+__all__ = ["Check", "Report", "resolve_dataset_dir", "validate_dataset"]

@@ -1,4 +1,9 @@
-"""The checks. Each check reads the folder fresh with pyarrow (never a `datasets` cache)."""
+"""The checks over a dataset folder. Every read is fresh, with pyarrow (never a `datasets` cache).
+
+Each check function returns named :class:`Check` outcomes; `validate_dataset` runs them all
+and a check that cannot even read its input is itself a failure, never a crash. Names read
+`<area>: <rule>` (e.g. `neurons: fractions sum to 1`), so a report line says what is wrong.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,23 @@ import glob
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pandas as pd
+import pandera.pandas as pdr
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
+from datasets import Features
 
-CATEGORIES = ("visual", "text", "multimodal", "unknown")
-FRACTION_COLUMNS = ["p_visual", "p_text", "p_multimodal", "p_unknown"]
-SUM_TOLERANCE = 1e-5
+from builder.package.build_info import BUILD_INFO, BuildInfo
+from builder.package.card import read_card_header
+from builder.package.configs import CONFIGS, config_spec
+from validation.schemas import SHOWN_COLUMNS, VALUE_SCHEMAS, Context, expected_features
+
+EXAMPLES = 3
+"""Offending rows quoted per failed check."""
 
 
 @dataclass
@@ -24,8 +35,10 @@ class Check:
     """The outcome of one check."""
 
     name: str
+    """`<area>: <rule>`."""
     ok: bool
     detail: str = ""
+    """Why it failed (counts and example rows), empty when it passed."""
 
 
 @dataclass
@@ -51,8 +64,16 @@ class Report:
         return "\n".join(lines)
 
 
+def resolve_dataset_dir(path: str | Path) -> Path:
+    """A dataset folder, given it or the run directory that holds it as `dataset/`."""
+    path = Path(path)
+    if not (path / "README.md").exists() and (path / "dataset" / "README.md").exists():
+        return path / "dataset"
+    return path
+
+
 class DatasetFolder:
-    """Lazy, fresh reads of a dataset folder's configs."""
+    """Lazy, fresh reads of a dataset folder's configs and records."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -64,17 +85,59 @@ class DatasetFolder:
     def has(self, config: str) -> bool:
         return bool(self.files(config))
 
+    def configs_on_disk(self) -> list[str]:
+        return [p.name for p in sorted(self.root.iterdir()) if p.is_dir() and any(p.glob("*.parquet"))]
+
     def table(self, config: str) -> pa.Table:
         if config not in self._tables:
             self._tables[config] = pa.concat_tables([pq.read_table(f) for f in self.files(config)])
         return self._tables[config]
 
-    def frame(self, config: str) -> pd.DataFrame:
-        return self.table(config).to_pandas()
-
-    def recipe(self) -> dict:
+    @cached_property
+    def recipe(self) -> dict[str, Any]:
         path = self.root / "recipe.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+    @cached_property
+    def build_info(self) -> BuildInfo | None:
+        try:
+            return BuildInfo.read(self.root)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        return self.build_info.grid if self.build_info else None
+
+    @cached_property
+    def context(self) -> Context:
+        from builder.classify import CATEGORIES
+
+        classify = self.recipe.get("classify", {})
+        info = self.build_info
+        sample_ids: frozenset[str] = frozenset()
+        if self.has("samples"):
+            sample_ids = frozenset(self.table("samples").column("sample_id").to_pylist())
+        neuron_category: dict[str, str] = {}
+        neuron_top: dict[str, frozenset[str]] = {}
+        if self.has("neurons"):
+            t = self.table("neurons").select(["layer", "neuron", "category", "top_sample_ids"])
+            for layer, neuron, category, top in zip(*(t.column(i).to_pylist() for i in range(4))):
+                key = f"{layer}:{neuron}"
+                neuron_category[key] = category
+                neuron_top[key] = frozenset(top or ())
+        return Context(
+            categories=CATEGORIES,
+            confidence=classify.get("confidence"),
+            tie_break=tuple(classify.get("tie_break", CATEGORIES)),
+            top_n=classify.get("top_n"),
+            layers=info.model.layers if info else None,
+            neurons_per_layer=info.model.neurons_per_layer if info else None,
+            grid=self.grid,
+            sample_ids=sample_ids,
+            neuron_category=neuron_category,
+            neuron_top=neuron_top,
+        )
 
 
 CheckFn = Callable[[DatasetFolder], list[Check]]
@@ -86,148 +149,254 @@ def check(fn: CheckFn) -> CheckFn:
     return fn
 
 
+def _outcome(name: str, problems: list[str]) -> Check:
+    return Check(name, not problems, "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
+
+
 @check
-def card_configs_match_files(ds: DatasetFolder) -> list[Check]:
-    readme = ds.root / "README.md"
-    if not readme.exists():
-        return [Check("card", False, "README.md missing")]
-    text = readme.read_text(encoding="utf-8")
-    if not text.startswith("---\n"):
-        return [Check("card", False, "README.md has no YAML header")]
+def card_matches_files(ds: DatasetFolder) -> list[Check]:
+    if not (ds.root / "README.md").exists():
+        return [Check("card: README.md exists", False, f"no README.md in {ds.root}")]
     try:
-        header = yaml.safe_load(text.split("---", 2)[1]) or {}
-    except yaml.YAMLError as e:
-        return [Check("card", False, f"YAML header does not parse: {e}")]
+        header = read_card_header(ds.root)
+    except Exception as e:  # yaml errors of every kind
+        return [Check("card: YAML header parses", False, str(e).splitlines()[0])]
+    if not header:
+        return [Check("card: YAML header parses", False, "README.md has no YAML header between --- lines")]
     out = []
-    listed = set()
+    listed = []
     for cfg in header.get("configs", []):
         name = cfg.get("config_name", "?")
-        listed.add(name)
-        for df in cfg.get("data_files", []):
-            pattern = df.get("path", "")
-            matched = glob.glob(str(ds.root / pattern))
-            out.append(Check(f"card config {name!r} files", bool(matched),
-                             "" if matched else f"data_files path {pattern!r} matches no file"))
-    on_disk = {p.name for p in ds.root.iterdir() if p.is_dir() and any(p.glob("*.parquet"))}
-    unlisted = sorted(on_disk - listed)
-    out.append(Check("every parquet folder is a card config", not unlisted,
-                     f"not in the card's configs: {unlisted}" if unlisted else ""))
-    out.append(Check("neurons config present", "neurons" in listed and ds.has("neurons"),
-                     "" if "neurons" in listed and ds.has("neurons") else "the default `neurons` config is missing"))
+        listed.append(name)
+        problems = [f"data_files path {df.get('path')!r} matches no file" for df in cfg.get("data_files", [])
+                    if not glob.glob(str(ds.root / str(df.get("path", ""))))]
+        if not cfg.get("data_files"):
+            problems.append("no data_files")
+        out.append(_outcome(f"card: config {name!r} names existing files", problems))
+    unlisted = sorted(set(ds.configs_on_disk()) - set(listed))
+    out.append(_outcome("card: every parquet folder is a card config",
+                        [f"{c}/ is not in the card's configs" for c in unlisted]))
+    defaults = [c.get("config_name") for c in header.get("configs", []) if c.get("default")]
+    out.append(_outcome("card: the default config is neurons",
+                        [] if defaults == ["neurons"] else [f"default configs: {defaults}"]))
+    out.append(_outcome("card: dataset_info features match the configs' Features", _card_feature_problems(ds, header)))
+    return out
+
+
+def _card_feature_problems(ds: DatasetFolder, header: dict[str, Any]) -> list[str]:
+    """The card's `dataset_info` must declare each config's Features (load_dataset trusts it)."""
+    from datasets.info import DatasetInfosDict
+    from huggingface_hub import DatasetCardData
+
+    infos = DatasetInfosDict.from_dataset_card_data(DatasetCardData(**header))
+    problems = []
+    for config in ds.configs_on_disk():
+        expected = expected_features(config, ds.grid)
+        info = infos.get(config)
+        if expected is None:
+            continue
+        if info is None or info.features is None:
+            problems.append(f"{config}: no dataset_info features")
+        elif info.features != expected:
+            problems.append(f"{config}: card features differ from the declared Features")
+    return problems
+
+
+@check
+def build_info_recorded(ds: DatasetFolder) -> list[Check]:
+    info = ds.build_info
+    out = [Check("build_info: build_info.json is readable", info is not None,
+                 "" if info else f"{BUILD_INFO} is missing or malformed; re-run the package stage")]
+    if info is not None and ds.has("exemplars"):
+        out.append(_outcome("build_info: the model's image grid is recorded",
+                            [] if info.grid else ["model.image_grid is null but the dataset has exemplars"]))
+    return out
+
+
+@check
+def files_match_build_info(ds: DatasetFolder) -> list[Check]:
+    info = ds.build_info
+    if info is None:
+        return []
+    out = []
+    for config in sorted(set(ds.configs_on_disk()) | set(info.configs)):
+        recorded = info.configs.get(config)
+        on_disk = [f"{config}/{p.name}" for p in ds.files(config)]
+        if recorded is None:
+            out.append(Check(f"files: {config} is recorded in build_info.json", False, f"{config}/ is not recorded"))
+            continue
+        missing = sorted(set(recorded.files) - set(on_disk))
+        extra = sorted(set(on_disk) - set(recorded.files))
+        out.append(_outcome(f"files: {config} shards are the ones packaged",
+                            [f"missing {missing}"] * bool(missing) + [f"stale or unknown {extra}"] * bool(extra)))
+        if on_disk:
+            rows = sum(pq.ParquetFile(ds.root / f).metadata.num_rows for f in on_disk)
+            out.append(_outcome(f"files: {config} has the recorded {recorded.rows} rows",
+                                [] if rows == recorded.rows else [f"files hold {rows} rows"]))
+    return out
+
+
+@check
+def counts_match_manifest(ds: DatasetFolder) -> list[Check]:
+    info = ds.build_info
+    if info is None:
+        return []
+    out = []
+    for spec in CONFIGS:
+        if spec.manifest_count is None or spec.name not in info.configs:
+            continue
+        stage, key = spec.manifest_count
+        expected = info.stage_counts.get(stage, {}).get(key)
+        rows = info.configs[spec.name].rows
+        out.append(_outcome(f"counts: {spec.name} rows == manifest {stage}.{key}",
+                            [] if expected == rows else [f"{rows} rows, manifest says {expected}"]))
+    classify = info.stage_counts.get("classify", {})
+    if "neurons" in info.configs and classify and ds.has("neurons"):
+        neurons = ds.table("neurons").select(["category", "high_confidence", "dead"]).to_pandas()
+        actual = {**neurons["category"].value_counts().to_dict(),
+                  "high_confidence": int(neurons["high_confidence"].sum()), "dead": int(neurons["dead"].sum())}
+        problems = [f"{k}: {int(actual.get(k, 0))} in the data, manifest says {classify[k]}"
+                    for k in (*ds.context.categories, "high_confidence", "dead")
+                    if k in classify and int(actual.get(k, 0)) != classify[k]]
+        out.append(_outcome("counts: neuron categories == manifest classify counts", problems))
+    model = info.model
+    if "neurons" in info.configs:
+        want = model.layers * model.neurons_per_layer
+        rows = info.configs["neurons"].rows
+        out.append(_outcome(f"counts: neurons == {model.layers} layers x {model.neurons_per_layer}",
+                            [] if rows == want else [f"{rows} neuron rows, expected {want}"]))
+    if "layers" in info.configs:
+        rows = info.configs["layers"].rows
+        out.append(_outcome(f"counts: layers == {model.layers}",
+                            [] if rows == model.layers else [f"{rows} layer rows"]))
     return out
 
 
 @check
 def schemas_match_features(ds: DatasetFolder) -> list[Check]:
-    from validation.schemas import expected_schemas
-
     out = []
-    for config, schema in expected_schemas().items():
-        if not ds.has(config):
+    for config in ds.configs_on_disk():
+        if config_spec(config) is None:
+            out.append(Check(f"schema: {config} is a known config", False,
+                             f"{config}/ is not a config of this builder ({', '.join(c.name for c in CONFIGS)})"))
             continue
+        if config == "exemplars" and ds.grid is None:
+            continue  # reported by build_info_recorded: the expected heatmap shape is unknown
+        expected = expected_features(config, ds.grid)
+        problems = []
         for f in ds.files(config):
-            actual = pq.read_schema(f).remove_metadata()
-            missing = [n for n in schema.names if n not in actual.names]
-            extra = [n for n in actual.names if n not in schema.names]
-            wrong = [f"{n}: {actual.field(n).type} != {schema.field(n).type}" for n in schema.names
-                     if n in actual.names and not actual.field(n).type.equals(schema.field(n).type)]
-            problems = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else []) + wrong
-            out.append(Check(f"schema {config}/{f.name}", not problems, "; ".join(problems)))
+            problems += [f"{f.name}: {p}" for p in _schema_problems(pq.read_schema(f), expected)]
+        out.append(_outcome(f"schema: {config} files have its declared Features", problems))
     return out
 
 
-def _first(mask: pd.Series, frame: pd.DataFrame, cols: list[str]) -> str:
-    rows = frame.loc[mask, cols].head(3).to_dict("records")
-    return f"{int(mask.sum())} rows, e.g. {rows}"
+def _schema_problems(actual: pa.Schema, expected: Features) -> list[str]:
+    want = expected.arrow_schema
+    problems = []
+    missing = [n for n in want.names if n not in actual.names]
+    extra = [n for n in actual.names if n not in want.names]
+    if missing:
+        problems.append(f"missing columns {missing}")
+    if extra:
+        problems.append(f"undeclared columns {extra}")
+    for name in want.names:
+        if name in actual.names and not actual.field(name).type.equals(want.field(name).type):
+            problems.append(f"{name}: {actual.field(name).type} != declared {want.field(name).type}")
+    if not problems and actual.names != want.names:
+        problems.append(f"column order {actual.names} != {want.names}")
+    if not problems:
+        try:
+            recorded = Features.from_arrow_schema(actual)
+        except Exception as e:  # malformed `huggingface` metadata
+            recorded, problems = None, [f"unreadable Features metadata: {e}"]
+        if recorded is not None and recorded != expected:
+            problems.append("the file's Features metadata differs from the declared Features")
+    return problems
 
 
 @check
-def neuron_invariants(ds: DatasetFolder) -> list[Check]:
-    if not ds.has("neurons"):
-        return []
-    df = ds.frame("neurons")
-    key = ["layer", "neuron"]
+def values_satisfy_schemas(ds: DatasetFolder) -> list[Check]:
     out = []
-    dup = df.duplicated(key, keep=False)
-    out.append(Check("neurons: (layer, neuron) unique", not dup.any(), _first(dup, df, key) if dup.any() else ""))
-    frac = df[FRACTION_COLUMNS]
-    bad = ((frac < 0) | (frac > 1) | frac.isna()).any(axis=1)
-    out.append(Check("neurons: fractions in [0, 1]", not bad.any(), _first(bad, df, key + FRACTION_COLUMNS) if bad.any() else ""))
-    sums = frac.sum(axis=1)
-    bad_sum = (sums - 1).abs() > SUM_TOLERANCE
-    out.append(Check("neurons: fractions sum to 1", not bad_sum.any(),
-                     _first(bad_sum, df, key + FRACTION_COLUMNS) if bad_sum.any() else ""))
-    bad_cat = ~df["category"].isin(CATEGORIES)
-    out.append(Check("neurons: category is a known category", not bad_cat.any(),
-                     _first(bad_cat, df, key + ["category"]) if bad_cat.any() else ""))
-    # The category's fraction must be the maximum and equal the confidence.
-    cat_idx = df["category"].map({c: i for i, c in enumerate(CATEGORIES)}).fillna(0).astype(int).to_numpy()
-    fvals = frac.to_numpy()
-    cat_frac = fvals[np.arange(len(df)), cat_idx]
-    contradicts = pd.Series((cat_frac + 1e-6 < fvals.max(axis=1)) | (np.abs(cat_frac - df["confidence"]) > 1e-6),
-                            index=df.index)
-    out.append(Check("neurons: category and confidence agree with the fractions", not contradicts.any(),
-                     _first(contradicts, df, key + ["category", "confidence"] + FRACTION_COLUMNS) if contradicts.any() else ""))
-    threshold = ds.recipe().get("classify", {}).get("confidence")
-    if threshold is not None:
-        wrong_hc = df["high_confidence"] != (df["confidence"] > threshold)
-        out.append(Check(f"neurons: high_confidence == confidence > {threshold}", not wrong_hc.any(),
-                         _first(wrong_hc, df, key + ["confidence", "high_confidence"]) if wrong_hc.any() else ""))
-    bad_max = ~np.isfinite(df["max_activation"])
-    out.append(Check("neurons: max_activation finite", not bad_max.any(),
-                     _first(bad_max, df, key + ["max_activation"]) if bad_max.any() else ""))
+    for config, (frame_fn, schema_fn, key) in VALUE_SCHEMAS.items():
+        if not ds.has(config):
+            continue
+        if config == "exemplars" and ds.grid is None:
+            continue
+        try:
+            frame = frame_fn(ds.table(config), ds.context)
+        except Exception as e:  # e.g. shards with different schemas: reported, other configs still checked
+            out.append(Check(f"{config}: values readable", False, f"{type(e).__name__}: {str(e).splitlines()[0]}"))
+            continue
+        out += pandera_checks(config, frame, schema_fn(ds.context), key)
     return out
+
+
+def pandera_checks(config: str, frame: pd.DataFrame, schema: pdr.DataFrameSchema, key: list[str]) -> list[Check]:
+    """One Check per rule of `schema`, failed rules quoting a few offending rows by key."""
+    unique_label = f"({', '.join(schema.unique)}) unique" if schema.unique else None
+    labels = []
+    for column in schema.columns.values():
+        labels += [c.error or c.name for c in column.checks]
+    labels += [c.error or c.name for c in schema.checks]
+    labels += [unique_label] if unique_label else []
+    labels = list(dict.fromkeys(labels))
+    try:
+        schema.validate(frame, lazy=True)
+        failures = pd.DataFrame(columns=["column", "check", "failure_case", "index"])
+    except pdr.errors.SchemaErrors as e:
+        failures = e.failure_cases
+    failures = failures.assign(check=failures["check"].replace({"multiple_fields_uniqueness": unique_label}))
+    out = []
+    for label in labels + sorted(set(failures["check"].dropna()) - set(labels)):
+        rows = failures[failures["check"] == label]
+        detail = "" if rows.empty else _describe(rows, frame, key, SHOWN_COLUMNS.get(label))
+        out.append(Check(f"{config}: {label}", rows.empty, detail))
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _describe(rows: pd.DataFrame, frame: pd.DataFrame, key: list[str], shown: list[str] | None) -> str:
+    """'N rows, e.g. layer=0 neuron=7 (p_visual=1.5); ...' from pandera's failure cases."""
+    index = [int(i) for i in rows["index"].dropna().unique()]
+    if not index:
+        return "; ".join(_fmt(c) for c in rows["failure_case"].head(EXAMPLES))
+    examples = []
+    for i in index[:EXAMPLES]:
+        where = " ".join(f"{k}={frame.at[i, k]}" for k in key if k in frame.columns)
+        values = rows[(rows["index"] == i) & rows["column"].notna() & ~rows["column"].isin(key)]
+        if shown:
+            values = values[values["column"].isin(shown)]
+        quoted = ", ".join(f"{c}={_fmt(v)}" for c, v in zip(values["column"], values["failure_case"]))
+        examples.append(where + (f" ({quoted})" if quoted else ""))
+    return f"{len(index)} rows, e.g. " + "; ".join(examples)
 
 
 @check
 def layers_match_neurons(ds: DatasetFolder) -> list[Check]:
     if not (ds.has("layers") and ds.has("neurons")):
         return []
-    layers = ds.frame("layers").set_index("layer")
-    neurons = ds.frame("neurons")
+    layers = ds.table("layers").to_pandas().drop_duplicates("layer").set_index("layer")
+    neurons = ds.table("neurons").select(["layer", "category", "high_confidence"]).to_pandas()
     counts = neurons.groupby(["layer", "category"]).size().unstack(fill_value=0)
+    high = neurons[neurons["high_confidence"]].groupby(["layer", "category"]).size().unstack(fill_value=0)
     problems = []
     for layer, row in layers.iterrows():
-        for c in CATEGORIES:
-            expected = int(counts.loc[layer, c]) if layer in counts.index and c in counts.columns else 0
-            if int(row[f"n_{c}"]) != expected:
-                problems.append(f"layer {layer} n_{c}={int(row[f'n_{c}'])}, neurons say {expected}")
+        for c in ds.context.categories:
+            for column, table in ((f"n_{c}", counts), (f"n_high_confidence_{c}", high)):
+                expected = int(table.loc[layer, c]) if layer in table.index and c in table.columns else 0
+                if int(row[column]) != expected:
+                    problems.append(f"layer {layer} {column}={int(row[column])}, neurons say {expected}")
     if set(layers.index) != set(neurons["layer"].unique()):
-        problems.append("layer sets differ between layers and neurons")
-    return [Check("layers: counts match neurons", not problems, "; ".join(problems[:5]))]
-
-
-@check
-def references_resolve(ds: DatasetFolder) -> list[Check]:
-    if not (ds.has("neurons") and ds.has("samples")):
-        return []
-    samples = ds.frame("samples")
-    dup = samples["sample_id"].duplicated(keep=False)
-    out = [Check("samples: sample_id unique", not dup.any(), _first(dup, samples, ["sample_id"]) if dup.any() else "")]
-    known = set(samples["sample_id"])
-    top = ds.table("neurons").column("top_sample_ids").combine_chunks().flatten().to_pylist()
-    dangling = sorted(set(top) - known)
-    out.append(Check("neurons: top_sample_ids name existing samples", not dangling,
-                     f"unknown sample ids: {dangling[:5]}" if dangling else ""))
-    neuron_keys = set(zip(ds.table("neurons").column("layer").to_pylist(), ds.table("neurons").column("neuron").to_pylist()))
-    for config in ("exemplars", "explanations"):
-        if not ds.has(config):
-            continue
-        frame = ds.frame(config)
-        keys = set(zip(frame["layer"], frame["neuron"]))
-        missing = sorted(keys - neuron_keys)
-        out.append(Check(f"{config}: every row names an existing neuron", not missing,
-                         f"unknown neurons: {missing[:5]}" if missing else ""))
-        if "sample_id" in frame:
-            unknown = sorted(set(frame["sample_id"]) - known)
-            out.append(Check(f"{config}: every row names an existing sample", not unknown,
-                             f"unknown samples: {unknown[:5]}" if unknown else ""))
-    return out
+        problems.append("the layers differ between the layers and neurons configs")
+    return [_outcome("layers: counts match the neurons config", problems)]
 
 
 def validate_dataset(path: str | Path) -> Report:
-    """Run every check over the dataset folder at `path`."""
-    root = Path(path)
+    """Run every check over the dataset folder at `path` (or `path/dataset`)."""
+    root = resolve_dataset_dir(path)
     report = Report(str(root))
     if not root.is_dir():
         report.checks.append(Check("dataset folder exists", False, f"{root} is not a directory"))
@@ -237,5 +406,5 @@ def validate_dataset(path: str | Path) -> Report:
         try:
             report.checks.extend(fn(ds))
         except Exception as e:  # a check that cannot even read its input is a failure, not a crash
-            report.checks.append(Check(fn.__name__, False, f"{type(e).__name__}: {e}"))
+            report.checks.append(Check(fn.__name__, False, f"{type(e).__name__}: {str(e).splitlines()[0]}"))
     return report

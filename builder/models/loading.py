@@ -74,7 +74,18 @@ class LoadedVLM:
             "layers": len(mlps),
             "neurons_per_layer": mlps[0].width if mlps else 0,
             "dtype": str(self.config.dtype),
+            "image_grid": self.image_grid(),
         }
+
+    def image_grid(self) -> list[int] | None:
+        """[H, W] of the heatmaps' patch grid (builder.models.layout); None for a family without one."""
+        from builder.models.layout import image_layout
+
+        try:
+            layout = image_layout(self.model.config, getattr(self.processor, "image_processor", None))
+        except ModelError:
+            return None
+        return [layout.height, layout.width]
 
 
 def find_decoder_mlps(model: Any) -> list[DecoderMLP]:

@@ -1,112 +1,114 @@
 """The package stage: the run's results as a Hugging Face dataset folder.
 
-`dataset/` holds one parquet folder per config (`neurons` is the default) and a README.md
-card whose YAML `configs:` make `load_dataset(dataset_dir, config)` work exactly as it
-does on the Hub. Parquet files are written with the declared `datasets.Features`, in a
-stable row order, so packaging the same run twice gives byte-identical files.
+`dataset/` holds one parquet folder per config (see `builder.package.configs.CONFIGS`;
+`neurons` is the default), the analyses' plots, `recipe.json`, `build_info.json` and a
+README.md card whose YAML `configs:` make `load_dataset(dataset_dir, config)` work exactly
+as on the Hub. Every config is cast to its declared Features and written in a stable row
+order, so packaging the same run twice gives byte-identical parquet files. The folder is
+built beside the old one and swapped in at the end: a kill never leaves a half-written
+dataset folder.
 """
 
 from __future__ import annotations
 
-import datetime
+import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
-import yaml
+from datasets import Features
 
-from builder.io import write_text, write_with
+from builder.errors import StageError
+from builder.io import write_text
+from builder.package.build_info import BUILD_INFO, BuildInfo, ConfigInfo, ModelInfo
+from builder.package.card import (
+    Plot,
+    PublishedConfig,
+    card_license,
+    example_neurons,
+    feature_type,
+    render_card,
+    score_summary,
+    yaml_header,
+)
+from builder.package.configs import CONFIGS, ConfigSpec, config_spec
+from builder.package.parquet import MB, ParquetLimits, write_shards
+from builder.progress import progress
 from builder.run import RunContext
 
 
-@dataclass(frozen=True)
-class ConfigSpec:
-    """One published config."""
+def conform(spec: ConfigSpec, table: pa.Table, features: Features) -> pa.Table:
+    """`table` with exactly the declared columns, cast to `features`, in the config's row order.
 
-    name: str
-    row: str
-    """What one row is, for the card."""
-    default: bool = False
+    A missing or undeclared column, or a value that does not fit its feature (e.g. a
+    heatmap of the wrong shape), is a StageError naming the source file and the column.
+    """
+    from datasets.table import cast_array_to_feature
 
-
-def shard_name(index: int = 0, total: int = 1) -> str:
-    return f"train-{index:05d}-of-{total:05d}.parquet"
-
-
-def cards_dir() -> Path:
-    from importlib import resources
-
-    packaged = Path(str(resources.files("builder"))) / "cards"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "cards"
-
-
-def write_config(dataset_dir: Path, name: str, table: pa.Table, features: Any, rows_per_group: int = 10_000) -> Path:
-    """Write one config as parquet with its Features in the schema metadata."""
-    schema = features.arrow_schema  # carries the Features as `huggingface` metadata
-    arrow = table.select(schema.names).cast(schema).combine_chunks()
-    folder = dataset_dir / name
-    if folder.exists():
-        shutil.rmtree(folder)
-    path = folder / shard_name()
-    write_with(
-        path,
-        lambda tmp: pq.write_table(
-            arrow,
-            tmp,
-            row_group_size=rows_per_group,
-            compression="zstd",
-            write_page_index=True,
-            write_statistics=True,
-        ),
-    )
-    return path
+    names = list(features)
+    missing = [n for n in names if n not in table.column_names and n not in spec.fill_null]
+    if missing:
+        raise StageError(
+            f"{spec.source}: columns {missing} of the {spec.name!r} config are missing; the {spec.stage} "
+            "stage must write every column declared in builder/package/features.py"
+        )
+    extra = [n for n in table.column_names if n not in features]
+    if extra:
+        raise StageError(
+            f"{spec.source}: columns {extra} are not declared for the {spec.name!r} config; declare them "
+            "in builder/package/features.py so they are published with a type"
+        )
+    schema = features.arrow_schema
+    arrays = []
+    for name in names:
+        if name not in table.column_names:
+            arrays.append(pa.nulls(table.num_rows, schema.field(name).type))
+            continue
+        try:
+            arrays.append(cast_array_to_feature(table[name], features[name]))
+        except (TypeError, ValueError, pa.ArrowInvalid) as e:
+            raise StageError(
+                f"{spec.source}: column {name!r} does not fit its declared feature "
+                f"{feature_type(features[name])} ({str(e).splitlines()[0]}); fix the {spec.stage} stage's output"
+            ) from e
+    cast = pa.Table.from_arrays(arrays, schema=schema)
+    return cast.sort_by([(c, "ascending") for c in spec.sort_by])
 
 
-def yaml_header(configs: list[ConfigSpec], license_id: str, tags: list[str], size_category: str,
-                pretty_name: str) -> str:
-    meta = {
-        "license": license_id,
-        "pretty_name": pretty_name,
-        "tags": tags,
-        "task_categories": ["image-text-to-text"],
-        "size_categories": [size_category],
-        "configs": [
-            {"config_name": c.name, "data_files": [{"split": "train", "path": f"{c.name}/train-*.parquet"}],
-             **({"default": True} if c.default else {})}
-            for c in configs
-        ],
-    }
-    return yaml.safe_dump(meta, sort_keys=False).strip()
+def model_grid(manifest_model: dict[str, Any]) -> tuple[int, int] | None:
+    grid = manifest_model.get("image_grid")
+    return (int(grid[0]), int(grid[1])) if grid else None
 
 
-def size_category(n: int) -> str:
-    for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
-        if n < bound:
-            return label
-    return "1M<n<10M"
+def draw_plots(neurons: pa.Table, layers: pa.Table, out_dir: Path, confidence: float) -> list[Plot]:
+    """The paper's per-layer analyses as PNGs in `out_dir` (builder.plots)."""
+    try:
+        from builder.plots import render_plots
+    except ImportError as e:
+        raise StageError(
+            f"the package stage draws the card's plots with builder.plots.render_plots, which cannot be "
+            f"imported ({e}); reinstall the builder (pip install -e .)"
+        ) from e
+    plots = render_plots(neurons, layers, out_dir, confidence)
+    return [Plot(p.title, f"{out_dir.name}/{p.filename}", p.description) for p in plots]
 
 
-def card_license(model_license: str, corpus_license: str) -> str:
-    """The dataset inherits the more restrictive of its sources: 'other' unless both agree."""
-    return model_license if model_license == corpus_license else "other"
-
-
-def read_card_configs(dataset_dir: Path) -> list[dict[str, Any]]:
-    """The `configs:` list of a dataset folder's README.md YAML header."""
-    text = (dataset_dir / "README.md").read_text(encoding="utf-8")
-    if not text.startswith("---"):
-        return []
-    header = text.split("---", 2)[1]
-    return list((yaml.safe_load(header) or {}).get("configs", []))
+def replace_dir(staging: Path, target: Path) -> None:
+    """Swap a finished folder in for `target` (two renames; the old folder goes last)."""
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class PackageStage:
     name = "package"
-    version = "1"
-    sections = ("package", "model", "corpus", "publish")
+    version = "2"
+    sections = ("package", "model", "corpus", "publish", "exemplars", "explain", "simulate")
 
     def source_fingerprint(self, ctx: RunContext) -> str:
         return ""
@@ -115,48 +117,93 @@ class PackageStage:
         return [ctx.run_dir.dataset]
 
     def run(self, ctx: RunContext) -> dict[str, int]:
-        from builder.classify import CATEGORIES
-        from builder.package import features as F
-
         rd = ctx.run_dir
-        out = rd.dataset
-        out.mkdir(parents=True, exist_ok=True)
-        neurons = pq.read_table(rd.neurons).sort_by([("layer", "ascending"), ("neuron", "ascending")])
-        layers = pq.read_table(rd.layers).sort_by([("layer", "ascending")])
-        samples = pq.read_table(rd.samples)
-        texts = pq.read_table(rd.texts)
-        text_by_id = {r["sample_id"]: r for r in texts.to_pylist()}
-        sample_rows = [
-            {"sample_id": s["sample_id"], "source_id": s["source_id"], "text": text_by_id[s["sample_id"]]["text"],
-             "text_source": text_by_id[s["sample_id"]]["text_source"], "caption": s["caption"]}
-            for s in samples.to_pylist()
-        ]
-        samples_table = pa.Table.from_pylist(sample_rows).sort_by([("sample_id", "ascending")])
-        specs = [
-            ConfigSpec("neurons", "neuron", default=True),
-            ConfigSpec("layers", "layer"),
-            ConfigSpec("samples", "corpus sample"),
-        ]
-        tables = {"neurons": (neurons, F.NEURONS), "layers": (layers, F.layers_features(CATEGORIES)),
-                  "samples": (samples_table, F.SAMPLES)}
-        for spec in specs:
-            table, feats = tables[spec.name]
-            write_config(out, spec.name, table, feats)
-        write_text(out / "recipe.json", ctx.recipe.to_json() + "\n")
-        card = render_card(ctx, specs, {k: v[0].num_rows for k, v in tables.items()}, neurons, layers)
-        write_text(out / "README.md", card)
-        return {name: t.num_rows for name, (t, _) in tables.items()}
+        cfg = ctx.recipe.package
+        limits = ParquetLimits(int(cfg.max_shard_mb * MB), int(cfg.row_group_mb * MB), cfg.image_rows_per_group)
+        grid = model_grid(ctx.manifest.model)
+        present = []
+        for spec in CONFIGS:
+            if (rd.root / spec.source).exists():
+                present.append(spec)
+            elif spec.required:
+                raise StageError(f"{rd.root / spec.source} is missing: run the {spec.stage} stage first")
+        staging = rd.path(".dataset.partial")
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        published: list[PublishedConfig] = []
+        tables: dict[str, pa.Table] = {}
+        with progress() as bar:
+            task = bar.add_task("package: writing configs", total=len(present))
+            for spec in present:
+                features = spec.features(grid)
+                table = conform(spec, spec.read(rd.root), features)
+                paths = write_shards(staging / spec.name, table, features, limits)
+                published.append(PublishedConfig(
+                    spec, features, table.num_rows, table.nbytes, sum(p.stat().st_size for p in paths),
+                    tuple(f"{spec.name}/{p.name}" for p in paths)))
+                tables[spec.name] = table
+                bar.advance(task)
+        plots = draw_plots(tables["neurons"], tables["layers"], staging / "plots", ctx.recipe.classify.confidence)
+        info = self.build_info(ctx, published, plots, grid)
+        write_text(staging / "recipe.json", ctx.recipe.to_json() + "\n")
+        write_text(staging / BUILD_INFO, info.to_json())
+        write_text(staging / "README.md", card_text(ctx, published, tables, plots, info))
+        replace_dir(staging, rd.dataset)
+        counts = {c.spec.name: c.rows for c in published}
+        counts["plots"] = len(plots)
+        return counts
+
+    @staticmethod
+    def build_info(ctx: RunContext, published: list[PublishedConfig], plots: list[Plot],
+                   grid: tuple[int, int] | None) -> BuildInfo:
+        m = ctx.manifest
+        r = ctx.recipe
+        neurons_rows = next(c.rows for c in published if c.spec.name == "neurons")
+        layers_rows = next(c.rows for c in published if c.spec.name == "layers")
+        return BuildInfo(
+            dataset_version=r.package.version,
+            recipe=r.recipe.name,
+            builder_version=m.package.get("version", ""),
+            builder_commit=m.package.get("git_commit", ""),
+            model=ModelInfo(
+                id=r.model.id,
+                revision=r.model.revision,
+                resolved_revision=str(m.model.get("resolved_revision", "")),
+                layers=int(m.model.get("layers", layers_rows)),
+                neurons_per_layer=int(m.model.get("neurons_per_layer", neurons_rows // max(layers_rows, 1))),
+                image_grid=list(grid) if grid else None,
+            ),
+            corpus={"kind": r.corpus.kind, "path": r.corpus.path, "fingerprint": str(m.corpus.get("fingerprint", ""))},
+            configs={
+                c.spec.name: ConfigInfo(
+                    rows=c.rows,
+                    files=list(c.files),
+                    num_bytes=c.num_bytes,
+                    download_size=c.download_size,
+                )
+                for c in published
+            },
+            stage_counts={name: dict(rec.counts) for name, rec in m.stages.items()
+                          if rec.status == "done" and name not in ("package", "validate")},
+            plots=[{"title": p.title, "path": p.path} for p in plots],
+        )
 
 
-def render_card(ctx: RunContext, specs: list[ConfigSpec], rows: dict[str, int], neurons: pa.Table,
-                layers: pa.Table) -> str:
-    import jinja2
+def _distinct(table: pa.Table | None, column: str) -> list[str]:
+    """The distinct non-null values of a column, sorted ([] without the table)."""
+    if table is None:
+        return []
+    return sorted({v for v in table.column(column).to_pylist() if v})
 
+
+def card_text(ctx: RunContext, published: list[PublishedConfig], tables: dict[str, pa.Table], plots: list[Plot],
+              info: BuildInfo) -> str:
     from builder.classify import CATEGORIES
 
     r = ctx.recipe
     m = ctx.manifest
-    corpus_counts = m.stages["corpus"].counts if "corpus" in m.stages else {}
+    neurons = tables["neurons"]
     cats = neurons.column("category").to_pylist()
     high = neurons.column("high_confidence").to_pylist()
     categories = [
@@ -164,46 +211,47 @@ def render_card(ctx: RunContext, specs: list[ConfigSpec], rows: dict[str, int], 
          "high": sum(1 for k, h in zip(cats, high) if k == c and h)}
         for c in CATEGORIES
     ]
-    skipped_reasons = {k.removeprefix("skipped_"): v for k, v in corpus_counts.items()
+    corpus_counts = info.stage_counts.get("corpus", {})
+    skipped_reasons = {k.removeprefix("skipped_"): v for k, v in sorted(corpus_counts.items())
                        if k.startswith("skipped_")}
-    pretty = r.package.pretty_name or f"{r.model.id.split('/')[-1]} neurons"
-    lic = card_license(r.model.license, r.corpus.license)
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(cards_dir())), keep_trailing_newline=True,
-                             undefined=jinja2.StrictUndefined)
-    template = env.get_template("dataset_card.md.j2")
-    return template.render(
-        yaml_header=yaml_header(specs, lic, ["interpretability", "neurons", "vision-language-models"],
-                                size_category(rows["neurons"]), pretty),
-        pretty_name=pretty,
-        model={"id": r.model.id, "layers": m.model.get("layers", layers.num_rows),
-               "neurons_per_layer": m.model.get("neurons_per_layer", rows["neurons"] // max(layers.num_rows, 1)),
-               "resolved_revision": m.model.get("resolved_revision", "")},
-        model_license=r.model.license,
-        corpus={"kind": r.corpus.kind, "path": r.corpus.path, "fingerprint": m.corpus.get("fingerprint", "")},
-        corpus_license=r.corpus.license,
-        version=r.package.version,
-        counts={"neurons": rows["neurons"], "samples": rows["samples"], "skipped": corpus_counts.get("skipped", 0)},
-        configs=[{"name": s.name, "row": s.row, "rows": rows[s.name], "default": s.default} for s in specs],
-        repo_or_path=r.publish.repo or "path/to/dataset",
-        categories=categories,
-        plots=[],
-        method={"hook": r.capture.hook, "prompt": r.text.prompt, "text_source": r.text.source,
-                "top_n": r.classify.top_n, "visual_min_tokens": r.classify.visual_min_tokens,
-                "visual_threshold": r.classify.visual_threshold, "text_min_tokens": r.classify.text_min_tokens,
-                "text_threshold": r.classify.text_threshold, "op": ">" if r.classify.strict else ">=",
-                "tie_break": " > ".join(r.classify.tie_break), "confidence": r.classify.confidence},
-        recipe_name=r.recipe.name,
-        package=m.package,
-        skipped_reasons=skipped_reasons,
-        citation_key=(r.publish.repo or pretty).replace("/", "_").replace("-", "_").replace(" ", "_"),
-        year=datetime.date.today().year,
-    )
+    pretty = r.package.pretty_name or f"{r.model.id.split('/')[-1].removeprefix('builtin:')} neurons"
+    license_meta = card_license(r.model.license, r.corpus.license)
+    explanations = tables.get("explanations")
+    corpus_stage = m.stages.get("corpus")
+    year = (corpus_stage.finished_at[:4] if corpus_stage and corpus_stage.finished_at else "") or "2025"
+    return render_card({
+        "yaml_header": yaml_header(published, license_meta, pretty),
+        "pretty_name": pretty,
+        "version": r.package.version,
+        "model": info.model,
+        "model_license": r.model.license,
+        "corpus": info.corpus,
+        "corpus_license": r.corpus.license,
+        "license": license_meta,
+        "counts": {"neurons": neurons.num_rows, "samples": tables["samples"].num_rows,
+                   "skipped": corpus_counts.get("skipped", 0), "dead": sum(neurons.column("dead").to_pylist())},
+        "skipped_reasons": skipped_reasons,
+        "configs": [{"name": c.spec.name, "row": c.spec.row, "rows": c.rows, "default": c.spec.default,
+                     "columns": [(k, feature_type(v)) for k, v in c.features.items()]} for c in published],
+        "repo": r.publish.repo,
+        "categories": categories,
+        "plots": plots,
+        "method": {"hook": r.capture.hook, "prompt": r.text.prompt, "text_source": r.text.source,
+                   "top_n": r.classify.top_n, "visual_min_tokens": r.classify.visual_min_tokens,
+                   "visual_threshold": r.classify.visual_threshold, "text_min_tokens": r.classify.text_min_tokens,
+                   "text_threshold": r.classify.text_threshold, "op": ">" if r.classify.strict else ">=",
+                   "tie_break": " > ".join(r.classify.tie_break), "confidence": r.classify.confidence},
+        "explain": {"explainers": _distinct(explanations, "explainer"), "simulators": _distinct(explanations, "simulator"),
+                    "prompt_versions": _distinct(explanations, "prompt_version"),
+                    "shown": r.exemplars.shown, "held_out": r.exemplars.held_out},
+        "examples": example_neurons(explanations, neurons, r.package.card_examples) if explanations is not None else [],
+        "scores": score_summary(explanations, CATEGORIES) if explanations is not None else [],
+        "has_exemplars": "exemplars" in tables,
+        "recipe_name": r.recipe.name,
+        "builder": {"version": info.builder_version, "commit": info.builder_commit},
+        "citation_key": re.sub(r"\W+", "_", r.publish.repo or pretty).strip("_").lower(),
+        "year": year,
+    })
 
 
-def manifest_counts(dataset_dir: Path) -> dict[str, Any]:
-    """Rows per config as the files hold them (used by validation)."""
-    return {p.name: pq.ParquetFile(next(p.glob("*.parquet"))).metadata.num_rows
-            for p in sorted(dataset_dir.iterdir()) if p.is_dir() and any(p.glob("*.parquet"))}
-
-
-__all__ = ["ConfigSpec", "PackageStage", "read_card_configs", "write_config"]
+__all__ = ["CONFIGS", "ConfigSpec", "PackageStage", "config_spec", "conform"]

@@ -253,21 +253,30 @@ class Executor:
         force = list(force)
         self._check_names(force + ([until] if until else []), "--force/--until")
         forced_from = min((self.stage_names().index(f) for f in force), default=None)
+        stages = self.stages[: self.stage_names().index(until) + 1] if until else self.stages
         upstream = stable_hash({"recipe_name": self.recipe.recipe.name})
         outcomes = []
         procs = self.processes
-        distributed = [bool(getattr(s, "distributed", False)) for s in self.stages]
-        first_distributed = distributed.index(True) if any(distributed) else len(self.stages)
-        last_distributed = len(distributed) - 1 - distributed[::-1].index(True) if any(distributed) else -1
-        for i, stage in enumerate(self.stages):
-            if procs.world > 1 and i == first_distributed:
-                # The main process ran every stage before this one; the others now read its manifest.
-                procs.barrier()
+        # Several processes: the main one runs every stage alone except the span from the
+        # first to the last `distributed` stage, which every process runs (capture: each its
+        # shard). The others wait for the main one at the start of that span and stop after it.
+        shared = [i for i, s in enumerate(stages) if getattr(s, "distributed", False)]
+        first, last = (shared[0], shared[-1]) if procs.world > 1 and shared else (len(stages), -1)
+        if procs.world > 1 and not procs.is_main and not shared:
+            return outcomes  # nothing to share out
+        for i, stage in enumerate(stages):
+            if i == first:
+                procs.barrier()  # the main process has run every stage before this one
                 if not procs.is_main:
                     self.manifest = Manifest.load(self.run_dir.manifest_path)
                     self.ctx.manifest = self.manifest
-            if procs.world > 1 and not procs.is_main and (i < first_distributed or i > last_distributed):
-                if i > last_distributed:
+                    for before in stages[:i]:
+                        done = self.manifest.stages[before.name]
+                        upstream = stable_hash([upstream, done.fingerprint, done.output_digest])
+                procs.barrier()  # nobody changes the manifest before every process has read it
+            everywhere = first <= i <= last
+            if not procs.is_main and not everywhere:
+                if i > last:
                     break
                 continue
             fingerprint = stable_hash(
@@ -280,11 +289,12 @@ class Executor:
                 }
             )
             record = self.manifest.stages.get(stage.name, StageRecord())
+            forced = forced_from is not None and i >= forced_from
             up_to_date = (
                 record.status == "done"
                 and record.fingerprint == fingerprint
                 and all(p.exists() for p in stage.outputs(self.ctx))
-                and (forced_from is None or i < forced_from)
+                and not forced
             )
             if up_to_date:
                 log.info("stage %-11s up to date, skipped", stage.name)
@@ -296,14 +306,11 @@ class Executor:
                     if reset is not None and record.fingerprint:
                         if procs.is_main:
                             reset(self.ctx)
-                        procs.barrier()
+                        if everywhere:
+                            procs.barrier()
                 record = self._run_stage(stage, fingerprint)
                 outcomes.append(StageOutcome(stage.name, True, record.seconds, record.counts))
             upstream = stable_hash([upstream, record.fingerprint, record.output_digest])
-            if until == stage.name:
-                break
-        if procs.world > 1 and first_distributed == len(self.stages):
-            procs.barrier()
         return outcomes
 
     def _run_stage(self, stage: Stage, fingerprint: str) -> StageRecord:

@@ -19,7 +19,7 @@ import torch
 
 from builder.capture.hooks import neuron_hooks
 from builder.capture.inputs import ModelBatch, encode_batch
-from builder.capture.state import NeuronState, read_state_metadata
+from builder.capture.state import BatchPositions, NeuronState, read_state_metadata
 from builder.corpus.base import open_image
 from builder.corpus.stage import read_samples
 from builder.errors import StageError
@@ -91,6 +91,8 @@ def capture_shard(ctx: RunContext, shard: Shard, checkpoint: Path) -> NeuronStat
     device = vlm.device
     top_n, top_m = ctx.recipe.classify.top_n, cfg.top_m
     done = 0
+    for torn in checkpoint.parent.glob(f".{checkpoint.name}.*.tmp"):
+        torn.unlink()  # a checkpoint write cut short by a kill (the checkpoint itself is intact)
     if checkpoint.exists():
         meta = read_state_metadata(checkpoint)
         expected = _shard_identity(ctx, shard)
@@ -103,11 +105,10 @@ def capture_shard(ctx: RunContext, shard: Shard, checkpoint: Path) -> NeuronStat
     else:
         state = NeuronState.empty(len(mlps), mlps[0].width, top_n, top_m, device)
 
-    current: dict[str, ModelBatch] = {}
+    current: dict[str, BatchPositions] = {}
 
     def sink(layer: int, activations: torch.Tensor) -> None:
-        b = current["batch"]
-        state.update_layer(layer, activations, b.visual_mask, b.text_mask, b.sample_index)
+        state.update_layer(layer, activations, current["positions"])
 
     def save(n_done: int, complete: bool) -> None:
         state.save(
@@ -125,14 +126,16 @@ def capture_shard(ctx: RunContext, shard: Shard, checkpoint: Path) -> NeuronStat
     with progress() as bar, neuron_hooks(mlps, cfg.hook, sink), torch.inference_mode():
         task = bar.add_task(f"capture[{shard.rank}/{shard.world}] batches", total=len(batches), completed=done)
         for batch in loader:
-            current["batch"] = to_device(batch, device)
-            forward(**current["batch"].inputs)
+            # Modality positions are worked out once per batch, on the CPU, for every layer.
+            current["positions"] = BatchPositions.from_masks(batch.visual_mask, batch.text_mask,
+                                                             batch.sample_index).to(device)
+            forward(**to_device(batch, device).inputs)
             done += 1
             bar.advance(task)
             if done % cfg.checkpoint_every == 0 and done < len(batches):
                 save(done, complete=False)
     save(done, complete=True)
-    return state
+    return state.canonical()
 
 
 def _base_forward(model: Any):

@@ -77,3 +77,16 @@ def grounding_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
         processor.save_pretrained(root / name)
         out.append(root / name)
     return out[0], out[1]
+
+
+@pytest.fixture(scope="session")
+def simulated_run(builder_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`--recipe tiny` (planted model, offline explainer, offline simulators) up to and
+    including the simulate stage (shared, read-only: copy it before changing it)."""
+    from builder.config import load_recipe
+    from builder.pipeline import default_stages
+    from builder.run import Executor
+
+    out = tmp_path_factory.mktemp("simulated-run")
+    Executor(load_recipe("tiny"), out, default_stages()).run(until="simulate")
+    return out

@@ -85,6 +85,14 @@ def _exemplar_features(grid: Grid | None) -> Features:
     return F.exemplars_features(grid)
 
 
+def _explanations(run_dir: Path) -> pa.Table:
+    """explanations.parquet with the score columns of the simulate stage's scores.parquet
+    (nulls where an explanation was not scored, or before the simulate stage ran)."""
+    from builder.simulate.publish import explanations_with_scores
+
+    return explanations_with_scores(run_dir)
+
+
 CONFIGS: tuple[ConfigSpec, ...] = (
     ConfigSpec(
         name="neurons",
@@ -133,6 +141,7 @@ CONFIGS: tuple[ConfigSpec, ...] = (
         sort_by=("layer", "neuron"),
         features=lambda grid: F.EXPLANATIONS,
         fill_null=F.EXPLANATION_SCORE_COLUMNS,
+        load=_explanations,  # simulate stage (issue 8): scores.parquet joined on (layer, neuron)
     ),
 )
 

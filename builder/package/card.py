@@ -161,8 +161,16 @@ def example_neurons(explanations: pa.Table, neurons: pa.Table, per_category: int
     return out
 
 
+def _quartiles(values: list[float]) -> list[float] | None:
+    """q25, median, q75 (simulate stage, issue 8: score and baseline distributions in the card)."""
+    import numpy as np
+
+    return [float(v) for v in np.quantile(values, [0.25, 0.5, 0.75])] if values else None
+
+
 def score_summary(explanations: pa.Table, categories: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Per category: explained, failed and scored neurons, mean score against the mean baseline."""
+    """Per category: explained, failed and scored neurons; the scores' mean and quartiles
+    against the chance baselines' (the same simulator given another neuron's explanation)."""
     import numpy as np
 
     rows = explanations.to_pylist()
@@ -182,6 +190,8 @@ def score_summary(explanations: pa.Table, categories: tuple[str, ...]) -> list[d
             "median_score": float(np.median([r["score"] for r in scored])) if scored else None,
             "mean_baseline": float(np.mean([r["baseline_score"] for r in paired])) if paired else None,
             "beats_baseline": (sum(r["score"] > r["baseline_score"] for r in paired) / len(paired)) if paired else None,
+            "score_quartiles": _quartiles([r["score"] for r in scored]),
+            "baseline_quartiles": _quartiles([r["baseline_score"] for r in paired]),
         })
     return out
 

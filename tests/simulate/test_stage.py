@@ -295,3 +295,24 @@ def test_scores_join_the_explanations_config(simulated_run: Path):
     from builder.package.features import EXPLANATIONS
 
     table.select(list(EXPLANATIONS)).cast(EXPLANATIONS.arrow_schema)
+
+
+def test_card_reports_scores_against_baselines(simulated_run: Path, tmp_path: Path):
+    from builder.package import PackageStage
+
+    run = _copy(simulated_run, tmp_path / "run")
+    PackageStage().run(_ctx(run))
+    card = (run / "dataset" / "README.md").read_text()
+    scores = pq.read_table(run / SCORES_FILE).to_pylist()
+    text = [r for r in scores if r["category"] == "text"]
+    q = lambda v: " / ".join(f"{x:.3f}" for x in np.quantile(v, [0.25, 0.5, 0.75]))  # noqa: E731
+    row = next(line for line in card.splitlines() if line.startswith("| text |") and " / " in line)
+    assert q([r["score"] for r in text]) in row and q([r["baseline_score"] for r in text]) in row
+    assert "| mean score | score quartiles | mean baseline | baseline quartiles | beats baseline |" in card
+    # the published explanations config carries the scores
+    published = pq.read_table(next((run / "dataset" / "explanations").glob("*.parquet"))).to_pylist()
+    by_key = {(r["layer"], r["neuron"]): r for r in published}
+    for r in scores:
+        p = by_key[(r["layer"], r["neuron"])]
+        assert p["score"] == pytest.approx(r["score"]) and p["simulator"] == r["simulator"]
+        assert len(p["per_sample_scores"]) == len(r["per_sample_scores"])

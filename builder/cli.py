@@ -53,6 +53,10 @@ def build(
         Optional[str], typer.Option(help="Publish the dataset to this Hub repo (org/name) at the end.")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Run the stages up to exemplars, then print what explain would send "
+                           "and spend (neurons, images, tokens, dollars) without sending anything.")
+    ] = False,
 ) -> None:
     """Run every stage of RECIPE into the run directory; the dataset lands in OUT/dataset."""
     if ctx.invoked_subcommand:
@@ -71,6 +75,12 @@ def build(
         resolved = load_recipe(recipe, set_)
         run_dir = out or Path("runs") / resolved.recipe.name
         executor = Executor(resolved, run_dir, default_stages())
+        if dry_run:
+            from builder.explain.plan import plan_explain
+
+            executor.run(force=force, until="exemplars")
+            typer.echo(plan_explain(executor.ctx).render())
+            return
         outcomes = executor.run(force=force, until=until)
     except BuilderError as e:
         raise _fail(e) from e

@@ -164,11 +164,34 @@ class ExemplarsConfig(Section):
     held_out: int = Field(default=5, ge=0)
     """Top samples kept back for scoring per neuron."""
     per_category: int = Field(default=10, ge=0)
-    """Neurons selected per (layer, category) for explanation."""
-    selection: Literal["top_confidence", "random"] = "top_confidence"
-    """How neurons are chosen within each (layer, category)."""
+    """Neurons selected per (layer, category) for explanation (top_confidence, random)."""
+    selection: Literal["top_confidence", "random", "list"] = "top_confidence"
+    """How neurons are chosen within each (layer, category): the most confident first (ties:
+    lower neuron index), a seeded random sample, or exactly the neurons in `neurons`."""
+    neurons: list[tuple[int, int]] = []
+    """selection=list: the (layer, neuron) pairs to explain, e.g. `[[3, 17], [5, 2]]`."""
+    categories: list[Literal["visual", "text", "multimodal"]] = ["visual", "text", "multimodal"]
+    """Categories explained (unknown and dead neurons never are: nothing to show)."""
     seed: int = 0
     """Seed of the random selection and of the shown/held-out split."""
+    batch_size: int | None = Field(default=None, ge=1)
+    """Samples per forward pass of the exemplar pass (None: capture.batch_size)."""
+    render_size: int | None = Field(default=None, ge=8)
+    """Side in pixels of the rendered exemplar images (None: the vision tower's input size,
+    336 for LLaVA-1.5)."""
+    upsample: Literal["bilinear", "nearest"] = "bilinear"
+    """How the patch map is upsampled to the image before modulation."""
+    image_format: Literal["jpeg", "png"] = "jpeg"
+    """Encoding of the embedded exemplar images."""
+    jpeg_quality: int = Field(default=90, ge=1, le=100)
+    """JPEG quality of the embedded images."""
+
+
+class ModelPrice(Section):
+    input_per_mtok: float = Field(ge=0)
+    """Dollars per million input (prompt) tokens."""
+    output_per_mtok: float = Field(ge=0)
+    """Dollars per million output (completion) tokens."""
 
 
 class ExplainConfig(Section):
@@ -178,6 +201,56 @@ class ExplainConfig(Section):
     """Explainer model name sent to the endpoint."""
     max_concurrency: int = Field(default=8, ge=1)
     """Requests in flight at once."""
+    image_detail: Literal["low", "high", "auto"] = "high"
+    """Detail level of the exemplar images sent to the explainer (low: 85 tokens each)."""
+    max_tokens: int = Field(default=60, ge=1)
+    """Cap on the explainer's answer length in tokens."""
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    """Sampling temperature of the explainer."""
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    """Time limit of one request attempt."""
+    max_attempts: int = Field(default=6, ge=1)
+    """Attempts per request on retryable errors (429, 408, 409, 5xx, timeouts, connection)."""
+    retry_base_seconds: float = Field(default=1.0, ge=0)
+    """First backoff; doubles per attempt, jittered (a server's Retry-After takes precedence)."""
+    retry_max_seconds: float = Field(default=60.0, ge=0)
+    """Longest backoff between two attempts."""
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    """Client-side request rate limit (None: none)."""
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    """Client-side token rate limit, from estimated prompt + max answer tokens (None: none)."""
+    budget_usd: float | None = Field(default=None, ge=0)
+    """Stop sending before this many dollars are spent by this stage's requests (over every
+    run that uses the same cache); unsent neurons fail `budget_exhausted`. None: no cap."""
+    prices: dict[str, ModelPrice] = {
+        "gpt-4o": ModelPrice(input_per_mtok=2.5, output_per_mtok=10.0),
+        "gpt-4o-mini": ModelPrice(input_per_mtok=0.15, output_per_mtok=0.6),
+    }
+    """Dollars per million tokens by model name, for the cost ledger, the budget and --dry-run."""
+    retry_failed: bool = False
+    """Resend requests whose earlier answer was a refusal, empty, filtered or a non-retryable
+    HTTP error (by default those are remembered and not paid for twice)."""
+    cache_path: str | None = None
+    """sqlite file of the LLM cache and cost ledger (None: RUN_DIR/llm-cache.sqlite)."""
+    seed: int = 0
+    """Seed of the retry jitter."""
+    offline_top_words: int = Field(default=3, ge=1)
+    """offline: most words or tokens named in one explanation."""
+    offline_min_z: float = Field(default=1.96, ge=0)
+    """offline: z-score a caption word's log-odds needs to count as over-represented."""
+    offline_prior: float = Field(default=10.0, gt=0)
+    """offline: strength (pseudo-count) of the corpus-frequency prior of the log-odds."""
+    offline_token_share: float = Field(default=0.5, gt=0, le=1)
+    """offline: a token is named when its activation weight is at least this share of the top token's."""
+
+    @model_validator(mode="after")
+    def _budget_needs_a_price(self) -> ExplainConfig:
+        if self.backend == "openai" and self.budget_usd is not None and self.model not in self.prices:
+            raise ValueError(
+                f"budget_usd is set but explain.prices has no entry for model {self.model!r}; add "
+                f"explain.prices.{self.model}.input_per_mtok and .output_per_mtok"
+            )
+        return self
 
 
 class SimulateConfig(Section):

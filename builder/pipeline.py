@@ -9,10 +9,15 @@ def default_stages() -> list[Stage]:
     from builder.capture.stage import CaptureStage
     from builder.classify import ClassifyStage
     from builder.corpus.stage import CorpusStage
+    from builder.exemplars import ExemplarsStage
+    from builder.explain.stage import ExplainStage
     from builder.package import PackageStage
     from builder.text import TextStage
     from builder.validate import ValidateStage
 
-    return [CorpusStage(), TextStage(), CaptureStage(), ClassifyStage(), PackageStage(), ValidateStage()]
+    return [
+        CorpusStage(), TextStage(), CaptureStage(), ClassifyStage(), ExemplarsStage(), ExplainStage(), PackageStage(),
+        ValidateStage(),
+    ]
 
 

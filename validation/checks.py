@@ -24,7 +24,7 @@ from datasets import Features
 from builder.package.build_info import BUILD_INFO, BuildInfo
 from builder.package.card import read_card_header
 from builder.package.configs import CONFIGS, config_spec
-from validation.schemas import SHOWN_COLUMNS, VALUE_SCHEMAS, Context, expected_features
+from validation.schemas import SHOWN_COLUMNS, VALUE_SCHEMAS, Context, expected_features, key_column
 
 EXAMPLES = 3
 """Offending rows quoted per failed check."""
@@ -119,13 +119,11 @@ class DatasetFolder:
         if self.has("samples"):
             sample_ids = frozenset(self.table("samples").column("sample_id").to_pylist())
         neuron_category: dict[str, str] = {}
-        neuron_top: dict[str, frozenset[str]] = {}
+        neurons = None
         if self.has("neurons"):
-            t = self.table("neurons").select(["layer", "neuron", "category", "top_sample_ids"])
-            for layer, neuron, category, top in zip(*(t.column(i).to_pylist() for i in range(4))):
-                key = f"{layer}:{neuron}"
-                neuron_category[key] = category
-                neuron_top[key] = frozenset(top or ())
+            neurons = self.table("neurons").select(["layer", "neuron", "category", "top_sample_ids"])
+            frame = neurons.select(["layer", "neuron", "category"]).to_pandas()
+            neuron_category = dict(zip(key_column(frame), frame["category"]))
         return Context(
             categories=CATEGORIES,
             confidence=classify.get("confidence"),
@@ -136,7 +134,7 @@ class DatasetFolder:
             grid=self.grid,
             sample_ids=sample_ids,
             neuron_category=neuron_category,
-            neuron_top=neuron_top,
+            neurons=neurons,
         )
 
 

@@ -45,8 +45,8 @@ class Context:
     sample_ids: frozenset[str]
     neuron_category: dict[str, str]
     """'layer:neuron' -> category, for every published neuron."""
-    neuron_top: dict[str, frozenset[str]]
-    """'layer:neuron' -> its top sample ids."""
+    neurons: pa_arrow.Table | None
+    """layer, neuron, category and top_sample_ids of every published neuron."""
 
 
 SHOWN_COLUMNS: dict[str, list[str]] = {}
@@ -133,6 +133,33 @@ def expected_category(frame: pd.DataFrame, categories: tuple[str, ...], tie_brea
     return pd.Series(np.asarray(order, dtype=object)[fractions.argmax(axis=1)], index=frame.index)
 
 
+def category_fraction(frame: pd.DataFrame, categories: tuple[str, ...]) -> pd.Series:
+    """Each row's fraction of its own category (NaN for an unknown category)."""
+    fractions = frame[[f"p_{c}" for c in categories]].to_numpy(dtype=float)
+    index = frame["category"].map({c: i for i, c in enumerate(categories)})
+    known = index.notna().to_numpy()
+    out = np.full(len(frame), np.nan)
+    out[known] = fractions[np.flatnonzero(known), index[known].astype(int).to_numpy()]
+    return pd.Series(out, index=frame.index)
+
+
+def in_top_samples(exemplars: pa_arrow.Table, neurons: pa_arrow.Table | None) -> np.ndarray:
+    """Per exemplar row: its sample is among its neuron's top samples."""
+    def joined(*parts) -> pa_arrow.Array:
+        return pc.binary_join_element_wise(*(pc.cast(p, pa_arrow.string()) for p in parts), "|")
+
+    wanted = joined(exemplars["layer"], exemplars["neuron"], exemplars["sample_id"])
+    if neurons is None:
+        return np.zeros(len(wanted), dtype=bool)
+    # only the exemplars' neurons: a few thousand of the model's hundreds of thousands
+    mine = neurons.filter(pc.is_in(joined(neurons["layer"], neurons["neuron"]),
+                                   value_set=joined(exemplars["layer"], exemplars["neuron"])))
+    top = mine["top_sample_ids"].combine_chunks()
+    parents = pc.list_parent_indices(top)
+    known = joined(pc.take(mine["layer"], parents), pc.take(mine["neuron"], parents), pc.list_flatten(top))
+    return pc.is_in(wanted, value_set=known).to_numpy(zero_copy_only=False)
+
+
 def neurons_schema(ctx: Context) -> pa.DataFrameSchema:
     fraction = {c: pa.Column(None, pa.Check.in_range(0, 1, error=f"{c} in [0, 1]")) for c in FRACTION_COLUMNS}
     layer_range = [pa.Check.in_range(0, ctx.layers - 1, error=f"layer in [0, {ctx.layers - 1}]")] if ctx.layers else []
@@ -145,8 +172,7 @@ def neurons_schema(ctx: Context) -> pa.DataFrameSchema:
              lambda df: df["category"] == expected_category(df, ctx.categories, ctx.tie_break),
              show=["category", *FRACTION_COLUMNS]),
         rule("confidence is the category's fraction",
-             lambda df: (df["confidence"] - df.apply(lambda r: r.get(f"p_{r['category']}", np.nan), axis=1)).abs()
-             <= SUM_TOLERANCE, show=["category", "confidence", *FRACTION_COLUMNS]),
+             lambda df: (df["confidence"] - category_fraction(df, ctx.categories)).abs() <= SUM_TOLERANCE, show=["category", "confidence", *FRACTION_COLUMNS]),
         rule("fractions are counts out of n_top",
              lambda df: ((df[FRACTION_COLUMNS].mul(df["n_top"].clip(lower=1), axis=0)
                           - df[FRACTION_COLUMNS].mul(df["n_top"].clip(lower=1), axis=0).round()).abs() < 1e-3).all(axis=1),
@@ -248,9 +274,8 @@ def exemplars_frame(table: pa_arrow.Table, ctx: Context) -> pd.DataFrame:
     n, lo, hi = list_stats(table["token_activations"])
     frame["n_token_activations"], frame["token_min"], frame["token_max"] = n, lo, hi
     frame["image_ok"] = _image_ok(table)
-    keys = key_column(frame)
-    frame["in_top"] = [s in ctx.neuron_top.get(k, frozenset()) for k, s in zip(keys, frame["sample_id"])]
-    frame["neuron_key"] = keys
+    frame["in_top"] = in_top_samples(table, ctx.neurons)
+    frame["neuron_key"] = key_column(frame)
     return frame
 
 
@@ -268,7 +293,7 @@ def exemplars_schema(ctx: Context) -> pa.DataFrameSchema:
     in_scale = lambda col: pa.Column(None, pa.Check.in_range(0, 10, error=f"{col} in [0, 10]"), nullable=True)  # noqa: E731
     return pa.DataFrameSchema(
         {
-            "neuron_key": pa.Column(None, pa.Check.isin(sorted(ctx.neuron_category),
+            "neuron_key": pa.Column(None, pa.Check.isin(list(ctx.neuron_category),
                                                         error="(layer, neuron) names an existing neuron")),
             "sample_id": pa.Column(None, pa.Check.isin(sorted(ctx.sample_ids), error="sample_id names an existing sample")),
             "rank": pa.Column(None, pa.Check.ge(0, error="rank >= 0")),
@@ -318,7 +343,7 @@ def explanations_schema(ctx: Context) -> pa.DataFrameSchema:
     filled = lambda s: s.notna() & (s.astype("string").str.strip().str.len() > 0)  # noqa: E731
     return pa.DataFrameSchema(
         {
-            "neuron_key": pa.Column(None, pa.Check.isin(sorted(ctx.neuron_category),
+            "neuron_key": pa.Column(None, pa.Check.isin(list(ctx.neuron_category),
                                                         error="(layer, neuron) names an existing neuron")),
             "status": pa.Column(None, pa.Check.isin(list(F.EXPLANATION_STATUSES),
                                                    error=f"status in {list(F.EXPLANATION_STATUSES)}")),

@@ -33,7 +33,7 @@ from builder.package.card import (
     yaml_header,
 )
 from builder.package.configs import CONFIGS, ConfigSpec, config_spec
-from builder.package.parquet import MB, ParquetLimits, write_shards
+from builder.package.parquet import MB, ParquetLimits, has_images, write_shards
 from builder.progress import progress
 from builder.run import RunContext
 
@@ -142,7 +142,8 @@ class PackageStage:
                 published.append(PublishedConfig(
                     spec, features, table.num_rows, table.nbytes, sum(p.stat().st_size for p in paths),
                     tuple(f"{spec.name}/{p.name}" for p in paths)))
-                tables[spec.name] = table
+                if not has_images(features):  # the card and plots need the small tables only
+                    tables[spec.name] = table
                 bar.advance(task)
         plots = draw_plots(tables["neurons"], tables["layers"], staging / "plots", ctx.recipe.classify.confidence)
         info = self.build_info(ctx, published, plots, grid)
@@ -246,7 +247,7 @@ def card_text(ctx: RunContext, published: list[PublishedConfig], tables: dict[st
                     "shown": r.exemplars.shown, "held_out": r.exemplars.held_out},
         "examples": example_neurons(explanations, neurons, r.package.card_examples) if explanations is not None else [],
         "scores": score_summary(explanations, CATEGORIES) if explanations is not None else [],
-        "has_exemplars": "exemplars" in tables,
+        "has_exemplars": any(c.spec.name == "exemplars" for c in published),
         "recipe_name": r.recipe.name,
         "builder": {"version": info.builder_version, "commit": info.builder_commit},
         "citation_key": re.sub(r"\W+", "_", r.publish.repo or pretty).strip("_").lower(),

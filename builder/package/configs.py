@@ -132,6 +132,7 @@ CONFIGS: tuple[ConfigSpec, ...] = (
         source="exemplars.parquet",
         sort_by=("layer", "neuron", "rank"),
         features=_exemplar_features,
+        manifest_count=("exemplars", "exemplars"),
     ),
     ConfigSpec(
         name="explanations",
@@ -142,6 +143,7 @@ CONFIGS: tuple[ConfigSpec, ...] = (
         features=lambda grid: F.EXPLANATIONS,
         fill_null=F.EXPLANATION_SCORE_COLUMNS,
         load=_explanations,  # simulate stage (issue 8): scores.parquet joined on (layer, neuron)
+        manifest_count=("explain", "neurons"),
     ),
 )
 

@@ -1,6 +1,7 @@
-"""Fixtures for packaging and validation: copies of the tiny run, plus the exemplars and
-explanations tables the exemplars/explain/simulate stages write, made here with the
-declared Features' columns so every config is exercised whatever those stages do."""
+"""Fixtures for packaging and validation: copies of the tiny run, plus the tables the
+exemplars, explain and simulate stages write (exemplars.parquet, explanations.parquet,
+scores.parquet), made here with known contents so every config is exercised whatever
+those stages select."""
 
 from __future__ import annotations
 
@@ -75,38 +76,62 @@ def exemplars_table(run: Path, grid: tuple[int, int] = (6, 6)) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
-def explanations_table(run: Path, scored: bool = True) -> pa.Table:
-    """What the explain (and simulate) stages write: one row per explained neuron, one failure."""
-    rng = np.random.default_rng(1)
+def explanations_table(run: Path) -> pa.Table:
+    """What the explain stage writes: one row per explained neuron, one of them a failure."""
     rows = []
     for i, n in enumerate(explained_neurons(run)):
         failed = i == 1
-        row = {
+        rows.append({
             "layer": n["layer"], "neuron": n["neuron"], "category": n["category"],
             "explanation": None if failed else f"{n['category']} things number {i}",
             "explainer": "offline", "prompt_version": "test-1",
             "status": "failed" if failed else "ok",
             "failure": "refusal: the model declined" if failed else None,
-        }
-        if scored:
-            held = n["top_sample_ids"][EXEMPLARS_PER_NEURON // 2 : EXEMPLARS_PER_NEURON]
-            row.update({
-                "simulator": None if failed else "offline",
-                "score": None if failed else round(float(rng.uniform(-0.2, 0.9)), 4),
-                "visual_score": None, "text_score": None,
-                "baseline_score": None if failed else round(float(rng.uniform(-0.2, 0.2)), 4),
-                "per_sample_scores": [] if failed else [
-                    {"sample_id": s, "modality": "text", "role": "held_out", "score": round(float(rng.uniform(-1, 1)), 4)}
-                    for s in held
-                ],
-            })
-        rows.append(row)
+        })
     return pa.Table.from_pylist(rows)
 
 
+def scores_table(run: Path) -> pa.Table:
+    """What the simulate stage writes: a score, a chance baseline and per-sample scores for
+    every explanation that did not fail."""
+    from builder.simulate.stage import SCORES_SCHEMA
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for i, n in enumerate(explained_neurons(run)):
+        if i == 1:  # the failed explanation has no score
+            continue
+        held = n["top_sample_ids"][EXEMPLARS_PER_NEURON // 2 : EXEMPLARS_PER_NEURON]
+        rows.append({
+            "layer": n["layer"], "neuron": n["neuron"], "category": n["category"], "simulator": "offline",
+            "score": round(float(rng.uniform(-0.2, 0.9)), 4), "visual_score": None,
+            "text_score": None, "constant_prediction": False,
+            "baseline_score": round(float(rng.uniform(-0.2, 0.2)), 4),
+            "per_sample_scores": [
+                {"sample_id": s, "modality": "text", "role": "held_out", "score": round(float(rng.uniform(-1, 1)), 4)}
+                for s in held
+            ],
+            "n_held_out": len(held), "n_random": 0, "status": "ok",
+        })
+    return pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
+
+
 def add_explained(run: Path, scored: bool = True) -> Path:
-    pq.write_table(exemplars_table(run), run / "exemplars.parquet")
-    pq.write_table(explanations_table(run, scored=scored), run / "explanations.parquet")
+    """Write the exemplars, explanations (and scores) tables and record them in the manifest as
+    those stages would."""
+    from builder.run import Manifest, StageRecord
+
+    exemplars, explanations = exemplars_table(run), explanations_table(run)
+    pq.write_table(exemplars, run / "exemplars.parquet")
+    pq.write_table(explanations, run / "explanations.parquet")
+    if scored:
+        pq.write_table(scores_table(run), run / "scores.parquet")
+    else:
+        (run / "scores.parquet").unlink(missing_ok=True)
+    manifest = Manifest.load(run / "manifest.json")
+    manifest.stages["exemplars"] = StageRecord(status="done", counts={"exemplars": exemplars.num_rows})
+    manifest.stages["explain"] = StageRecord(status="done", counts={"neurons": explanations.num_rows})
+    manifest.save(run / "manifest.json")
     return run
 
 
@@ -118,6 +143,7 @@ class Tools:
     explained_neurons = staticmethod(explained_neurons)
     exemplars_table = staticmethod(exemplars_table)
     explanations_table = staticmethod(explanations_table)
+    scores_table = staticmethod(scores_table)
     add_explained = staticmethod(add_explained)
     exemplars_per_neuron = EXEMPLARS_PER_NEURON
 

@@ -125,7 +125,7 @@ def test_undeclared_and_missing_columns_are_refused(full_run: Path, tmp_path: Pa
 
 def test_optional_configs_follow_their_sources(tiny_run: Path, tmp_path: Path, tools) -> None:
     run = tools.copy_run(tiny_run, tmp_path / "run")
-    for source in ("exemplars.parquet", "explanations.parquet"):  # as before those stages ran
+    for source in ("exemplars.parquet", "explanations.parquet", "scores.parquet"):  # as before those stages ran
         (run / source).unlink(missing_ok=True)
     dataset = tools.package(run)
     assert sorted(p.name for p in dataset.iterdir() if p.is_dir()) == ["layers", "neurons", "plots", "samples"]

@@ -342,7 +342,7 @@ class NeuronScorer:
             row.status, row.failure = "failed", "no_held_out: the neuron has no held-out exemplars (exemplars.held_out = 0?)"
             return row
         try:
-            own = [await self._modality(m, n.explanation, task.samples) for m in modalities]
+            own = list(await asyncio.gather(*(self._modality(m, n.explanation, task.samples) for m in modalities)))
         except SimulationFailure as e:
             row.status, row.failure = "failed", str(e)
             return row
@@ -359,7 +359,8 @@ class NeuronScorer:
             row.baseline_failure = f"no_other_explanation: no other {n.category} neuron with a different explanation"
         else:
             try:
-                base = [await self._modality(m, task.baseline.explanation, task.samples) for m in modalities]
+                base = await asyncio.gather(*(self._modality(m, task.baseline.explanation, task.samples)
+                                              for m in modalities))
                 row.baseline_score = combined_score(base)
             except SimulationFailure as e:
                 row.baseline_failure = str(e)

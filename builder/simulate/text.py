@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import ClassVar
 
 import numpy as np
@@ -53,14 +54,14 @@ class LLMTextSimulator:
         self.ask = ask
 
     async def simulate(self, explanation: str, samples: list[list[str]]) -> list[np.ndarray]:
-        out = []
-        for tokens in samples:
+        async def one(tokens: list[str]) -> np.ndarray:
             if not tokens:
-                out.append(np.zeros(0, dtype=np.float32))
-                continue
+                return np.zeros(0, dtype=np.float32)
             answer = await self.ask(text_prompt(explanation, tokens), text_max_tokens(len(tokens)))
-            out.append(parse_token_values(answer, len(tokens)))
-        return out
+            return parse_token_values(answer, len(tokens))
+
+        # All samples at once: the call layer bounds the requests in flight.
+        return list(await asyncio.gather(*(one(t) for t in samples)))
 
 
 class TokenMatchSimulator:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from typing import Any, ClassVar
 
@@ -68,11 +69,12 @@ class LLMGridSimulator:
         self.detail = detail
 
     async def simulate(self, explanation: str, samples: list[VisualSample], grid: tuple[int, int]) -> list[np.ndarray]:
-        out = []
-        for s in samples:
+        async def one(s: VisualSample) -> np.ndarray:
             answer = await self.ask(visual_prompt(explanation, s.view, self.cells, self.detail), visual_max_tokens(self.cells))
-            out.append(cell_to_patch_map(parse_cell_values(answer, self.cells, self.cells), grid))
-        return out
+            return cell_to_patch_map(parse_cell_values(answer, self.cells, self.cells), grid)
+
+        # All samples at once: the call layer bounds the requests in flight.
+        return list(await asyncio.gather(*(one(s) for s in samples)))
 
 
 class _Stop(Exception):

@@ -294,6 +294,10 @@ class SimulateConfig(Section):
     fills the patches whose centres fall in it)."""
     image_detail: Literal["low", "high", "auto"] = "low"
     """visual llm: detail level of the image sent to the vision LLM."""
+    budget_usd: float | None = Field(default=None, ge=0)
+    """Stop sending simulator requests before this many dollars are spent by this stage
+    (ledger scope `simulate`, priced with `explain.prices`); unsent ones fail
+    `llm: budget_exhausted`. None: no cap."""
 
     @property
     def visual_simulator(self) -> str:

@@ -12,12 +12,13 @@ def default_stages() -> list[Stage]:
     from builder.exemplars import ExemplarsStage
     from builder.explain.stage import ExplainStage
     from builder.package import PackageStage
+    from builder.simulate.stage import SimulateStage
     from builder.text import TextStage
     from builder.validate import ValidateStage
 
     return [
-        CorpusStage(), TextStage(), CaptureStage(), ClassifyStage(), ExemplarsStage(), ExplainStage(), PackageStage(),
-        ValidateStage(),
+        CorpusStage(), TextStage(), CaptureStage(), ClassifyStage(), ExemplarsStage(), ExplainStage(), SimulateStage(),
+        PackageStage(), ValidateStage(),
     ]
 
 

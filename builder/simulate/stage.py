@@ -25,8 +25,6 @@ this stage's spending).
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import random
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -38,12 +36,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from builder.errors import StageError
-from builder.io import append_jsonl, read_jsonl, write_json, write_parquet
+from builder.io import append_jsonl, read_jsonl, stable_hash, write_json, write_parquet
 from builder.run import RunContext
 from builder.simulate.base import FailureKind, SimulationFailure, TextSimulator, VisualSample, VisualSimulator
 from builder.simulate.scoring import Modality, ModalityScore, ScoredSample, combined_score, score_modality
-
-log = logging.getLogger("builder")
 
 SCORES_FILE = "scores.parquet"
 CHECKPOINT = Path("simulate") / "scored.jsonl"
@@ -378,9 +374,16 @@ class SimulateStage:
     sections = ("simulate",)
 
     def source_fingerprint(self, ctx: RunContext) -> str:
-        # The simulator LLM defaults to explain.model; the truth pass reads with the capture hook.
+        # A new prompt is a new result; the simulator LLM defaults to explain.model; the
+        # random pool's size depends on classify.top_n; the truth pass reads with the capture hook.
+        from builder.simulate.grounded import PHRASES_PROMPT_VERSION
+        from builder.simulate.text import TEXT_PROMPT_VERSION
+        from builder.simulate.visual import VISUAL_PROMPT_VERSION
+
         cfg = ctx.recipe
-        return json.dumps([cfg.simulate.model or cfg.explain.model, cfg.capture.hook, cfg.text.prompt])
+        return stable_hash([TEXT_PROMPT_VERSION, VISUAL_PROMPT_VERSION, PHRASES_PROMPT_VERSION,
+                            cfg.simulate.model or cfg.explain.model, cfg.classify.top_n, cfg.capture.hook,
+                            cfg.text.prompt])
 
     def outputs(self, ctx: RunContext) -> list[Path]:
         return [ctx.run_dir.path(SCORES_FILE)]

@@ -58,7 +58,7 @@ def cell_to_patch_map(cells: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return cells[np.ix_(ri, ci)].astype(np.float32)
 
 
-def draw_numbered_grid(view: Image.Image, cells: int, size: int = 672) -> Image.Image:
+def draw_numbered_grid(view: Image.Image, cells: int, size: int = 512) -> Image.Image:
     """The view resized to `size` px with a `cells` x `cells` grid whose cells are numbered
     1..cells^2 row by row (what the vision-LLM simulator is shown)."""
     img = view.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)

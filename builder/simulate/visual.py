@@ -37,8 +37,9 @@ VISUAL_SYSTEM = (
 )
 
 
-def visual_prompt(explanation: str, view: Any, cells: int, detail: str) -> list[Message]:
-    """The chat messages showing the gridded image and asking for the non-zero cells."""
+def visual_prompt(explanation: str, image: dict[str, Any], cells: int) -> list[Message]:
+    """The chat messages showing the gridded image (an `image_part`) and asking for the
+    non-zero cells."""
     n = cells * cells
     text = (
         f"Explanation: this neuron activates for {explanation.strip()}\n\n"
@@ -49,7 +50,7 @@ def visual_prompt(explanation: str, view: Any, cells: int, detail: str) -> list[
     )
     return [
         {"role": "system", "content": VISUAL_SYSTEM},
-        {"role": "user", "content": [{"type": "text", "text": text}, image_part(draw_numbered_grid(view, cells), detail)]},
+        {"role": "user", "content": [{"type": "text", "text": text}, image]},
     ]
 
 
@@ -63,14 +64,25 @@ class LLMGridSimulator:
 
     name: ClassVar[str] = "llm"
 
-    def __init__(self, ask: Ask, cells: int = 8, detail: str = "low"):
+    def __init__(self, ask: Ask, cells: int = 8, detail: str = "low", cache_size: int = 256):
         self.ask = ask
         self.cells = cells
         self.detail = detail
+        self.cache_size = cache_size
+        self._images: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def gridded(self, sample: VisualSample) -> dict[str, Any]:
+        """The sample's view with the numbered grid, encoded once per sample (a neuron's
+        samples are shown again with the baseline's explanation)."""
+        if sample.sample_id not in self._images:
+            self._images[sample.sample_id] = image_part(draw_numbered_grid(sample.view, self.cells), self.detail)
+            while len(self._images) > self.cache_size:
+                self._images.popitem(last=False)
+        return self._images[sample.sample_id]
 
     async def simulate(self, explanation: str, samples: list[VisualSample], grid: tuple[int, int]) -> list[np.ndarray]:
         async def one(s: VisualSample) -> np.ndarray:
-            answer = await self.ask(visual_prompt(explanation, s.view, self.cells, self.detail), visual_max_tokens(self.cells))
+            answer = await self.ask(visual_prompt(explanation, self.gridded(s), self.cells), visual_max_tokens(self.cells))
             return cell_to_patch_map(parse_cell_values(answer, self.cells, self.cells), grid)
 
         # All samples at once: the call layer bounds the requests in flight.

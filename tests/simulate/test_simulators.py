@@ -73,7 +73,8 @@ def test_llm_grid_simulator_maps_cells_onto_patches():
     messages, max_tokens = llm.calls[0]
     assert max_tokens == visual_max_tokens(2)
     parts = messages[1]["content"]
-    assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert parts[1]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    assert parts[1] is sim.gridded(VisualSample("s", img, img))  # encoded once per sample
     assert parts[1]["image_url"]["detail"] == "low"
     assert "2x2 grid" in parts[0]["text"] and "1 to 4" in parts[0]["text"]
 

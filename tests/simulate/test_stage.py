@@ -193,7 +193,7 @@ def test_llm_simulators_through_the_call_layer(simulated_run: Path, tmp_path: Pa
         bodies = [e.body for e in server.entries()]
         assert {b["model"] for b in bodies} == {"sim-model"} and all(b["temperature"] == 0 for b in bodies)
         images = [b for b in bodies if isinstance(b["messages"][-1]["content"], list)]
-        assert images and all(b["messages"][-1]["content"][1]["image_url"]["url"].startswith("data:image/png")
+        assert images and all(b["messages"][-1]["content"][1]["image_url"]["url"].startswith("data:image/jpeg")
                               for b in images)
         for key, r in rows.items():
             assert r["status"] == "ok"

@@ -1,7 +1,7 @@
 """Explain throughput against a local OpenAI-compatible server with fixed latency.
 
-Starts the fake server of tests/explain/fake_openai.py in its own process (200 ms per
-answer by default), then explains synthetic neurons (a third each visual, text and
+Starts the lean mode of the fake server of tests/explain/fake_openai.py in its own process
+(a minimal asyncio HTTP server answering every request after 200 ms by default), then explains synthetic neurons (a third each visual, text and
 multimodal; 5 exemplars of photo-sized 336x336 JPEGs and 40-token descriptions, every prompt
 distinct) through the real stack (prompt building, the cached client with its sqlite
 cache, the openai SDK, parsing) at concurrency 1, 8 and 32, each with a cold cache.
@@ -73,7 +73,7 @@ def synthetic_neurons(count: int, seed: int) -> list:
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "explain" / "fake_openai.py"), "--latency", str(latency)],
+        [sys.executable, str(ROOT / "tests" / "explain" / "fake_openai.py"), "--lean", "--latency", str(latency)],
         stdout=subprocess.PIPE, text=True,
     )
     url = proc.stdout.readline().strip()

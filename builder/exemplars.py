@@ -216,7 +216,9 @@ def record_activations(
     order = sorted(wanted)
     size = batch_size or ctx.recipe.capture.batch_size
     batches = [order[i : i + size] for i in range(0, len(order), size)]
-    encoder = BatchEncoder(ctx, batches)
+    # Images decoded and tokenised ahead of the model by capture's workers (capture.num_workers).
+    loader = torch.utils.data.DataLoader(BatchEncoder(ctx, batches), batch_size=None,
+                                         num_workers=ctx.recipe.capture.num_workers)
     tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
     kept: dict[int, torch.Tensor] = {}
 
@@ -228,8 +230,8 @@ def record_activations(
     forward = _base_forward(vlm.model)
     with progress() as bar, neuron_hooks(mlps, ctx.recipe.capture.hook, sink), torch.inference_mode():
         task = bar.add_task("exemplars: forward", total=len(order))
-        for i in range(len(batches)):
-            batch = to_device(encoder[i], vlm.device)
+        for encoded in loader:
+            batch = to_device(encoded, vlm.device)
             kept.clear()
             forward(**batch.inputs)
             ids = batch.inputs["input_ids"].cpu()
@@ -243,7 +245,7 @@ def record_activations(
                     rec.heatmaps[(layer, n)] = layout.heatmap(values[visual[b]]).numpy().astype(np.float32)
                     rec.token_activations[(layer, n)] = values[text[b]].numpy().astype(np.float32)
                 out[sample] = rec
-            bar.advance(task, len(batches[i]))
+            bar.advance(task, len(visual))
     return out
 
 

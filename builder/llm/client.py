@@ -135,6 +135,9 @@ class CachedClient:
                 response = await self._send(request, key)
             future.set_result(response)
             return response
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
         except BaseException as e:
             future.set_exception(e)
             future.exception()  # mark retrieved: waiters (if any) re-raise it themselves

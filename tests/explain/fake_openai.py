@@ -215,12 +215,49 @@ class FakeOpenAI:
         h.wfile.flush()
 
 
+async def serve_lean(latency: float, port: int = 0) -> None:
+    """A minimal asyncio HTTP/1.1 server that answers every POST with one fixed completion
+    after `latency` seconds (no parsing, no log, no faults): the benchmark's endpoint, so
+    that the server's own CPU time barely competes with the client being measured."""
+    import asyncio
+
+    body = json.dumps(FakeOpenAI()._completion({"model": "gpt-4o"}, "the answer")).encode()
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n")
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                headers = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in headers.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                await reader.readexactly(length)
+                await asyncio.sleep(latency)
+                writer.write(head + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=256)
+    print(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve the fake OpenAI endpoint until killed.")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.2)
     parser.add_argument("--record", action="store_true", help="parse and keep every request")
+    parser.add_argument("--lean", action="store_true", help="the minimal asyncio server (benchmarks)")
     args = parser.parse_args()
+    if args.lean:
+        import asyncio
+
+        asyncio.run(serve_lean(args.latency, args.port))
+        return
     server = FakeOpenAI(latency=args.latency, record=args.record).start(args.port)
     print(server.base_url, flush=True)
     try:

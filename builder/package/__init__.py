@@ -47,6 +47,9 @@ def conform(spec: ConfigSpec, table: pa.Table, features: Features) -> pa.Table:
     from datasets.table import cast_array_to_feature
 
     names = list(features)
+    twice = sorted({n for n in table.column_names if table.column_names.count(n) > 1})
+    if twice:
+        raise StageError(f"{spec.source}: columns {twice} appear twice in the {spec.name!r} config's source table")
     missing = [n for n in names if n not in table.column_names and n not in spec.fill_null]
     if missing:
         raise StageError(

@@ -23,9 +23,9 @@ from validation import validate_dataset
 ALL_CONFIGS = [c.name for c in CONFIGS]
 
 
-def _digests(dataset: Path) -> dict[str, str]:
+def _digests(dataset: Path, pattern: str = "*.parquet") -> dict[str, str]:
     return {p.relative_to(dataset).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(dataset.rglob("*.parquet"))}
+            for p in sorted(dataset.rglob(pattern)) if p.is_file()}
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS)
@@ -74,8 +74,9 @@ def test_same_run_packages_to_byte_identical_parquet(full_run: Path, tmp_path: P
     first = _digests(full_run / "dataset")
     again = tools.package(tools.copy_run(full_run, tmp_path / "elsewhere"))  # another folder, same inputs
     assert _digests(again) == first
-    assert (again / "build_info.json").read_bytes() == (full_run / "dataset" / "build_info.json").read_bytes()
     assert len(first) == len(ALL_CONFIGS)
+    # the card, build_info.json, recipe.json and plots too: re-publishing a re-packaged run sends nothing
+    assert _digests(again, "*") == _digests(full_run / "dataset", "*")
 
 
 def test_shards_rotate_by_size_and_row_groups_stay_small(full_run: Path, tmp_path: Path, tools) -> None:
@@ -120,6 +121,12 @@ def test_undeclared_and_missing_columns_are_refused(full_run: Path, tmp_path: Pa
         tools.package(run)
     pq.write_table(neurons.drop_columns(["confidence"]), run / "neurons.parquet")
     with pytest.raises(StageError, match=r"columns \['confidence'\] of the 'neurons' config are missing"):
+        tools.package(run)
+    pq.write_table(neurons, run / "neurons.parquet")
+    explanations = pq.read_table(run / "explanations.parquet")  # scores belong in scores.parquet
+    pq.write_table(explanations.append_column("score", pa.nulls(explanations.num_rows, pa.float32())),
+                   run / "explanations.parquet")
+    with pytest.raises(StageError, match=r"columns \['score'\] appear twice in the 'explanations' config"):
         tools.package(run)
 
 

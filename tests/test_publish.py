@@ -317,6 +317,9 @@ def test_build_push_to_hub(hub: FakeHub, tiny_run: Path, tmp_path: Path) -> None
     assert repo.files_at("v0.1.0")["README.md"] == (run / "dataset" / "README.md").read_bytes()
     stages = json.loads((run / "manifest.json").read_text())["stages"]
     assert stages["package"]["status"] == "done" and stages["validate"]["status"] == "done"
+    written = [p for p in run.rglob("*") if p.is_file()]  # manifest, logs, caches, the dataset: no token
+    assert written and all(TOKEN.encode() not in p.read_bytes() for p in written)
+    assert all(TOKEN.encode() not in r.body for r in hub.requests)
 
 
 def test_publish_command_and_errors(hub: FakeHub, tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

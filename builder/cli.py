@@ -54,8 +54,8 @@ def build(
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Run the stages up to exemplars, then print what explain would send "
-                           "and spend (neurons, images, tokens, dollars) without sending anything.")
+        bool, typer.Option("--dry-run", help="Print the plan (stages, samples, neurons, batches, GPU time, API "
+                           "tokens and dollars) and check the inputs, without loading weights or sending anything.")
     ] = False,
 ) -> None:
     """Run every stage of RECIPE into the run directory; the dataset lands in OUT/dataset."""
@@ -76,10 +76,7 @@ def build(
         run_dir = out or Path("runs") / resolved.recipe.name
         executor = Executor(resolved, run_dir, default_stages())
         if dry_run:
-            from builder.explain.plan import plan_explain
-
-            executor.run(force=force, until="exemplars")
-            typer.echo(plan_explain(executor.ctx).render())
+            _print_plan(executor)
             return
         outcomes = executor.run(force=force, until=until)
     except BuilderError as e:
@@ -91,6 +88,25 @@ def build(
     )
     if push_to_hub is not None:
         publish(run_dir / "dataset", repo=push_to_hub, version=None, private=resolved.publish.private)
+
+
+def _print_plan(executor) -> None:
+    """The offline build plan; the exact explain plan too once the exemplars are up to date."""
+    from builder.plan import make_plan
+
+    status = executor.up_to_date()
+    stages = [f"{name}{' (up to date)' if done else ''}" for name, done in status.items()]
+    plan = make_plan(executor.recipe, stages)
+    typer.echo(plan.render())
+    if status.get("exemplars"):
+        from builder.explain.plan import plan_explain
+
+        typer.echo(plan_explain(executor.ctx).render())
+    elif "exemplars" in status:
+        typer.echo("(explain: an upper bound from the recipe; run with --until exemplars, then --dry-run again, "
+                   "for the exact requests)")
+    if plan.problems:
+        raise _fail(BuilderError("; ".join(plan.problems)))
 
 
 @app.command("recipes")

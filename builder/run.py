@@ -279,24 +279,10 @@ class Executor:
                 if i > last:
                     break
                 continue
-            fingerprint = stable_hash(
-                {
-                    "stage": stage.name,
-                    "version": stage.version,
-                    "sections": {s: self.recipe.section_dict(s) for s in stage.sections},
-                    "source": stage.source_fingerprint(self.ctx),
-                    "upstream": upstream,
-                }
-            )
+            fingerprint = self._fingerprint(stage, upstream)
             record = self.manifest.stages.get(stage.name, StageRecord())
             forced = forced_from is not None and i >= forced_from
-            up_to_date = (
-                record.status == "done"
-                and record.fingerprint == fingerprint
-                and all(p.exists() for p in stage.outputs(self.ctx))
-                and not forced
-            )
-            if up_to_date:
+            if self._up_to_date(stage, record, fingerprint) and not forced:
                 log.info("stage %-11s up to date, skipped", stage.name)
                 outcomes.append(StageOutcome(stage.name, False, 0.0, record.counts))
             else:
@@ -312,6 +298,39 @@ class Executor:
                 outcomes.append(StageOutcome(stage.name, True, record.seconds, record.counts))
             upstream = stable_hash([upstream, record.fingerprint, record.output_digest])
         return outcomes
+
+    def _fingerprint(self, stage: Stage, upstream: str) -> str:
+        return stable_hash(
+            {
+                "stage": stage.name,
+                "version": stage.version,
+                "sections": {s: self.recipe.section_dict(s) for s in stage.sections},
+                "source": stage.source_fingerprint(self.ctx),
+                "upstream": upstream,
+            }
+        )
+
+    def _up_to_date(self, stage: Stage, record: StageRecord, fingerprint: str) -> bool:
+        return (
+            record.status == "done"
+            and record.fingerprint == fingerprint
+            and all(p.exists() for p in stage.outputs(self.ctx))
+        )
+
+    def up_to_date(self) -> dict[str, bool]:
+        """Which stages a run would skip, computed without running anything.
+
+        A stage counts as up to date only when every stage before it is too.
+        """
+        upstream = stable_hash({"recipe_name": self.recipe.recipe.name})
+        status: dict[str, bool] = {}
+        chain_ok = True
+        for stage in self.stages:
+            record = self.manifest.stages.get(stage.name, StageRecord())
+            chain_ok = chain_ok and self._up_to_date(stage, record, self._fingerprint(stage, upstream))
+            status[stage.name] = chain_ok
+            upstream = stable_hash([upstream, record.fingerprint, record.output_digest])
+        return status
 
     def _run_stage(self, stage: Stage, fingerprint: str) -> StageRecord:
         record = StageRecord(status="running", fingerprint=fingerprint, started_at=_now())

@@ -249,7 +249,7 @@ def build_simulators(ctx: RunContext, needed: set[Modality]) -> Simulators:
     wants_llm = ("text" in needed and cfg.text_simulator == "llm") or (
         "visual" in needed and (cfg.visual_simulator == "llm"
                                 or (cfg.visual_simulator == "grounded" and cfg.phrases == "llm")))
-    client = make_client(ctx) if wants_llm else None
+    client = make_client(ctx, model) if wants_llm else None
     ask = client_ask(client, model) if client is not None else None
     labels = {}
     visual: Any = None
@@ -284,14 +284,20 @@ def build_simulators(ctx: RunContext, needed: set[Modality]) -> Simulators:
     return Simulators(visual, text, labels, client)
 
 
-def make_client(ctx: RunContext) -> Any:
+def make_client(ctx: RunContext, model: str) -> Any:
     """The simulators' call-layer client: the explain stage's endpoint, cache file, retry and
     rate policies and prices, with the ledger scope `simulate` and `simulate.budget_usd`."""
     from dataclasses import replace
 
+    from builder.errors import RecipeError
     from builder.explain.backends import cache_path, call_settings
     from builder.llm import openai_client
 
+    if ctx.recipe.simulate.budget_usd is not None and model not in ctx.recipe.explain.prices:
+        raise RecipeError(
+            f"simulate.budget_usd is set but explain.prices has no entry for the simulator model {model!r}; "
+            f"add explain.prices.{model}.input_per_mtok and .output_per_mtok"
+        )
     settings = replace(call_settings(ctx.recipe.explain, scope="simulate"), budget_usd=ctx.recipe.simulate.budget_usd)
     return openai_client(cache_path(ctx), settings)
 

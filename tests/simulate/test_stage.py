@@ -213,6 +213,23 @@ def test_llm_simulators_through_the_call_layer(simulated_run: Path, tmp_path: Pa
         assert pq.read_table(run / SCORES_FILE).to_pylist() == list(rows.values())
 
 
+def test_the_simulate_budget_stops_sending(simulated_run: Path, tmp_path: Path, monkeypatch):
+    from builder.errors import RecipeError
+
+    run = _copy(simulated_run, tmp_path / "run")
+    with pytest.raises(RecipeError, match=r"explain.prices has no entry for the simulator model 'my-model'"):
+        _simulate(run, "simulate.backend=openai", "simulate.model=my-model", "simulate.budget_usd=1")
+    _keep_explanations(run, lambda r: r["category"] == "text" and r["layer"] == 0)
+    fake = _fake_openai_module()
+    with fake.FakeOpenAI(answer=_token_match_llm) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+        counts, rows = _simulate(run, *FAST_OPENAI, "simulate.visual=offline", "simulate.budget_usd=0")
+        assert server.entries() == []  # nothing sent: every request's worst case exceeds $0
+    assert rows and all(r["failure"].startswith("llm: budget_exhausted") for r in rows.values())
+    assert counts["failed"] == len(rows) and counts["requests_sent"] == 0
+
+
 def test_unparsable_and_refused_answers_are_typed_failures(simulated_run: Path, tmp_path: Path, monkeypatch):
     fake = _fake_openai_module()
     run = _copy(simulated_run, tmp_path / "run")

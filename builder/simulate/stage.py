@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -238,11 +239,64 @@ class Simulators:
         return " + ".join(f"{m}:{self.labels[m]}" for m in modalities)
 
 
+def _grounded(ctx: RunContext, ask: Any, model: str) -> tuple[VisualSimulator, str]:
+    from builder.simulate.grounded import PHRASES_PROMPT_VERSION, GroundedSimulator, load_grounding_models
+
+    cfg = ctx.recipe.simulate
+    models = load_grounding_models(cfg.detector, cfg.segmenter, cfg.device)
+    sim = GroundedSimulator(models, ask, cfg.phrases, cfg.max_phrases, cfg.box_threshold, cfg.text_threshold,
+                            cfg.max_boxes)
+    phrases = f"phrases by {model} ({PHRASES_PROMPT_VERSION})" if cfg.phrases == "llm" else "explanation as phrase"
+    return sim, f"grounded({cfg.detector}, {cfg.segmenter}, {phrases})"
+
+
+def _llm_grid(ctx: RunContext, ask: Any, model: str) -> tuple[VisualSimulator, str]:
+    from builder.simulate.visual import VISUAL_PROMPT_VERSION, LLMGridSimulator
+
+    cfg = ctx.recipe.simulate
+    return (LLMGridSimulator(ask, cfg.llm_grid, cfg.image_detail),
+            f"llm({model}, {cfg.llm_grid}x{cfg.llm_grid} grid, {VISUAL_PROMPT_VERSION})")
+
+
+def _embedding(ctx: RunContext, ask: Any, model: str) -> tuple[VisualSimulator, str]:
+    from builder.models.layout import image_layout
+    from builder.simulate.visual import EmbeddingSimilaritySimulator
+
+    vlm = ctx.vlm
+    layout = image_layout(vlm.model.config, vlm.processor.image_processor)
+    return EmbeddingSimilaritySimulator(vlm, layout, ctx.recipe.text.prompt), "offline-embedding-baseline"
+
+
+def _llm_text(ctx: RunContext, ask: Any, model: str) -> tuple[TextSimulator, str]:
+    from builder.simulate.text import TEXT_PROMPT_VERSION, LLMTextSimulator
+
+    return LLMTextSimulator(ask), f"llm({model}, {TEXT_PROMPT_VERSION})"
+
+
+def _token_match(ctx: RunContext, ask: Any, model: str) -> tuple[TextSimulator, str]:
+    from builder.simulate.text import TokenMatchSimulator
+
+    return TokenMatchSimulator(), "offline-token-match-baseline"
+
+
+VISUAL_SIMULATORS: dict[str, Callable[[RunContext, Any, str], tuple[VisualSimulator, str]]] = {
+    "grounded": _grounded,
+    "llm": _llm_grid,
+    "offline": _embedding,
+}
+"""`simulate.visual` -> factory of (simulator, its label in the `simulator` column)."""
+
+TEXT_SIMULATORS: dict[str, Callable[[RunContext, Any, str], tuple[TextSimulator, str]]] = {
+    "llm": _llm_text,
+    "offline": _token_match,
+}
+"""`simulate.text` -> factory of (simulator, its label)."""
+
+
 def build_simulators(ctx: RunContext, needed: set[Modality]) -> Simulators:
-    """The recipe's simulators; LLM-backed ones go through builder/llm (see `make_client`)."""
+    """The recipe's simulators for the modalities `needed`; LLM-backed ones share one
+    call-layer client (see `make_client`)."""
     from builder.simulate.llm import client_ask
-    from builder.simulate.text import TEXT_PROMPT_VERSION, LLMTextSimulator, TokenMatchSimulator
-    from builder.simulate.visual import VISUAL_PROMPT_VERSION, EmbeddingSimilaritySimulator, LLMGridSimulator
 
     cfg = ctx.recipe.simulate
     model = cfg.model or ctx.recipe.explain.model
@@ -251,36 +305,13 @@ def build_simulators(ctx: RunContext, needed: set[Modality]) -> Simulators:
                                 or (cfg.visual_simulator == "grounded" and cfg.phrases == "llm")))
     client = make_client(ctx, model) if wants_llm else None
     ask = client_ask(client, model) if client is not None else None
-    labels = {}
     visual: Any = None
-    if "visual" in needed:
-        kind = cfg.visual_simulator
-        if kind == "grounded":
-            from builder.simulate.grounded import PHRASES_PROMPT_VERSION, GroundedSimulator, load_grounding_models
-
-            models = load_grounding_models(cfg.detector, cfg.segmenter, cfg.device)
-            visual = GroundedSimulator(models, ask, cfg.phrases, cfg.max_phrases, cfg.box_threshold,
-                                       cfg.text_threshold, cfg.max_boxes)
-            phrases = f"phrases by {model} ({PHRASES_PROMPT_VERSION})" if cfg.phrases == "llm" else "explanation as phrase"
-            labels["visual"] = f"grounded({cfg.detector}, {cfg.segmenter}, {phrases})"
-        elif kind == "llm":
-            visual = LLMGridSimulator(ask, cfg.llm_grid, cfg.image_detail)
-            labels["visual"] = f"llm({model}, {cfg.llm_grid}x{cfg.llm_grid} grid, {VISUAL_PROMPT_VERSION})"
-        else:
-            from builder.models.layout import image_layout
-
-            vlm = ctx.vlm
-            layout = image_layout(vlm.model.config, vlm.processor.image_processor)
-            visual = EmbeddingSimilaritySimulator(vlm, layout, ctx.recipe.text.prompt)
-            labels["visual"] = "offline-embedding-baseline"
     text: Any = None
+    labels = {}
+    if "visual" in needed:
+        visual, labels["visual"] = VISUAL_SIMULATORS[cfg.visual_simulator](ctx, ask, model)
     if "text" in needed:
-        if cfg.text_simulator == "llm":
-            text = LLMTextSimulator(ask)
-            labels["text"] = f"llm({model}, {TEXT_PROMPT_VERSION})"
-        else:
-            text = TokenMatchSimulator()
-            labels["text"] = "offline-token-match-baseline"
+        text, labels["text"] = TEXT_SIMULATORS[cfg.text_simulator](ctx, ask, model)
     return Simulators(visual, text, labels, client)
 
 

@@ -345,9 +345,10 @@ def neuron_table(
         "dead": result.dead.reshape(-1),
         "top_sample_ids": top_ids,
     }
-    if significance is not None:
-        for name in SIGNIFICANCE_COLUMNS:
-            columns[name] = getattr(significance, name).reshape(-1)
+    for name, (dtype, _) in SIGNIFICANCE_COLUMNS.items():
+        # Null when the test was not run: the published schema does not depend on the option.
+        columns[name] = (pa.array(getattr(significance, name).reshape(-1)) if significance is not None
+                         else pa.nulls(L * D, pa.float32()))
     return pa.table(columns)
 
 
@@ -372,7 +373,7 @@ def layer_table(neurons: pa.Table) -> pa.Table:
 
 class ClassifyStage:
     name = "classify"
-    version = "2"
+    version = "3"
     sections = ("classify",)
 
     def source_fingerprint(self, ctx: RunContext) -> str:

@@ -196,6 +196,13 @@ def neurons_schema(ctx: Context) -> pa.DataFrameSchema:
             "max_activation": pa.Column(None, rule("max_activation is finite", np.isfinite)),
             "n_top": pa.Column(None, pa.Check.in_range(0, ctx.top_n or 2**31, error=f"n_top in [0, {ctx.top_n}]")),
             "unknown_top_samples": pa.Column(None, pa.Check.eq(0, error="top_sample_ids name existing samples")),
+            # Significance columns: null when the test was not run.
+            "p_value_visual_vs_text": pa.Column(
+                None, pa.Check.in_range(0, 1, error="p_value_visual_vs_text in [0, 1]"), nullable=True),
+            "p_value_category": pa.Column(None, pa.Check.in_range(0, 1, error="p_value_category in [0, 1]"),
+                                          nullable=True),
+            "visual_minus_text": pa.Column(
+                None, pa.Check.in_range(-10, 10, error="visual_minus_text in [-10, 10]"), nullable=True),
         },
         checks=checks,
         unique=["layer", "neuron"],

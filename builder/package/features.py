@@ -37,6 +37,11 @@ NEURONS = Features(
         "n_top": Value("int32"),
         "dead": Value("bool"),
         "top_sample_ids": List(Value("string")),
+        # The significance test's columns (builder.classify.SIGNIFICANCE_COLUMNS): null when
+        # `classify.significance` is off, so the schema is the same for every build.
+        "visual_minus_text": Value("float32"),
+        "p_value_visual_vs_text": Value("float32"),
+        "p_value_category": Value("float32"),
     }
 )
 

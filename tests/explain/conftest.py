@@ -79,7 +79,10 @@ def context(run_dir: Path, overrides: list[str] = ()):
     from builder.config import load_recipe
     from builder.run import Manifest, RunContext, RunDir
 
-    return RunContext(load_recipe("tiny", [*SMALL, *overrides]), RunDir(run_dir), Manifest())
+    # The run's own manifest: a context that loads the model records it there, and an empty
+    # manifest would erase the stages' records of the shared run.
+    return RunContext(load_recipe("tiny", [*SMALL, *overrides]), RunDir(run_dir),
+                      Manifest.load(run_dir / "manifest.json"))
 
 
 def run_explain(run_dir: Path, overrides: list[str] = ()) -> tuple[dict[str, int], list[dict]]:

@@ -8,7 +8,9 @@ cache, the openai SDK, parsing) at concurrency 1, 8 and 32, each with a cold cac
 
 The latency-bound rate is concurrency / latency neurons per second; the client's overhead
 is 1 - measured / latency-bound; each level is the best of `--repeats` trials (the
-machine may be shared; every trial's overhead is printed too). Prints JSON.
+machine may be shared; every trial's overhead and the load average are printed too).
+`client_cpu_share_of_latency` is the client's CPU time per neuron over the latency: the
+overhead on an otherwise idle core. Prints JSON.
 
     python benchmarks/explain.py [--latency 0.2] [--rounds 20] [--repeats 3]
 """
@@ -52,7 +54,7 @@ def photo_like_jpeg(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def synthetic_neurons(count: int, seed: int) -> list:
+def synthetic_neurons(count: int, seed: int, categories: tuple[str, ...] = ("visual", "text", "multimodal")) -> list:
     from builder.explain.records import Exemplar, NeuronExemplars
 
     rng = random.Random(seed)
@@ -60,7 +62,7 @@ def synthetic_neurons(count: int, seed: int) -> list:
     words = [" a", " red", " train", " on", " the", " track", " near", " station", " with", " people"]
     out = []
     for n in range(count):
-        category = ("visual", "text", "multimodal")[n % 3]
+        category = categories[n % len(categories)]
         exemplars = tuple(
             Exemplar(f"s{n}-{k}", k, images[rng.randrange(len(images))],
                      tuple(rng.choice(words) for _ in range(40)),
@@ -119,6 +121,9 @@ def measure(url: str, concurrency: int, neurons: list, latency: float) -> dict:
         "latency_bound_per_second": round(bound, 2),
         "overhead": round(1 - rate / bound, 4),
         "client_cpu_ms_per_neuron": round(1000 * cpu / len(neurons), 2),
+        # The client's own cost against one request's latency: the overhead a free core would show.
+        "client_cpu_share_of_latency": round(cpu / len(neurons) / latency, 4),
+        "client_core_utilisation": round(cpu / wall, 3),
         "requests_sent": client.stats.sent,
     }
 
@@ -129,6 +134,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="neurons per level = rounds x concurrency")
     parser.add_argument("--levels", default="1,8,32")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--categories", default="visual,text,multimodal",
+                        help="neuron categories, round robin (text alone: no images in the requests)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("BUILDER_PROGRESS", "0")
@@ -137,9 +144,10 @@ def main() -> None:
     try:
         rows = []
         for i, c in enumerate(int(x) for x in args.levels.split(",")):
-            measure(url, c, synthetic_neurons(c, seed=1000 + i), args.latency)  # warm up imports
+            cats = tuple(args.categories.split(","))
+            measure(url, c, synthetic_neurons(c, 1000 + i, cats), args.latency)  # warm up imports
             # Best of `repeats` (distinct neurons each, cold cache): the machine may be shared.
-            trials = [measure(url, c, synthetic_neurons(args.rounds * c, seed=100 * i + k), args.latency)
+            trials = [measure(url, c, synthetic_neurons(args.rounds * c, 100 * i + k, cats), args.latency)
                       for k in range(args.repeats)]
             best = max(trials, key=lambda r: r["neurons_per_second"])
             best["overhead_all_trials"] = [t["overhead"] for t in trials]
@@ -152,8 +160,10 @@ def main() -> None:
         "latency_seconds": args.latency,
         "prompt": "5 exemplars per neuron: 336x336 JPEG images of ~29 KB (visual, multimodal) and 40-token "
                   "lists (text, multimodal)",
+        "categories": args.categories,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_before": round(load_before, 2)},
+                    "load_average_before": round(load_before, 2),
+                    "load_average_after": round(os.getloadavg()[0], 2)},
         "levels": rows,
         "max_overhead": max(r["overhead"] for r in rows),
         "target_overhead": 0.05,

@@ -171,11 +171,11 @@ class CachedClient:
             try:
                 await self._limiter.acquire(estimate.typical + request.max_tokens)
                 self.stats.sent += 1
-                response = await asyncio.wait_for(self.transport.send(request), self.settings.timeout_seconds + 1)
-            except (TransientError, asyncio.TimeoutError) as e:
+                response = await self.transport.send(request)  # the transport enforces timeout_seconds
+            except TransientError as e:
                 await self._release(worst)
-                retry_after = e.retry_after if isinstance(e, TransientError) else None
-                last = str(e) or "timeout"
+                retry_after = e.retry_after
+                last = str(e)
                 if attempt == policy.max_attempts:
                     break
                 self.stats.retries += 1

@@ -135,5 +135,6 @@ class Transport(Protocol):
     """One attempt of one request against an endpoint (no cache, no retries)."""
 
     async def send(self, request: Request) -> Response:
-        """Raises :class:`TransientError` (retry may help) or :class:`LLMFailure` (it will not)."""
+        """Raises :class:`TransientError` (retry may help; a timeout is one) or
+        :class:`LLMFailure` (it will not). The transport enforces the attempt's time limit."""
         ...

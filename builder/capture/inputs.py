@@ -41,15 +41,21 @@ def encode_batch(
     image_token_id: int,
     sample_index: list[int],
     device: Any = "cpu",
+    padding_side: str | None = None,
 ) -> ModelBatch:
-    """Build the teacher-forced inputs `<prompt with image> <description>` and their masks."""
+    """Build the teacher-forced inputs `<prompt with image> <description>` and their masks.
+
+    padding_side: `left` or `right`, or None for the tokenizer's own setting.
+    """
     texts, starts = zip(*(teacher_forced_text(processor, prompt, d) for d in descriptions))
+    side = {"padding_side": padding_side} if padding_side else {}
     enc = processor(
         images=list(images),
         text=list(texts),
         return_tensors="pt",
         padding=True,
         return_offsets_mapping=True,
+        **side,
     )
     offsets = enc.pop("offset_mapping")  # [B, T, 2] char spans in the image-expanded text
     input_ids = enc["input_ids"]

@@ -19,7 +19,7 @@ import torch
 
 from builder.capture.hooks import neuron_hooks
 from builder.capture.inputs import ModelBatch, encode_batch
-from builder.capture.state import BatchPositions, NeuronState, read_state_metadata
+from builder.capture.state import BatchPositions, NeuronState, WorkBuffer, read_state_metadata
 from builder.corpus.base import open_image
 from builder.corpus.stage import read_samples
 from builder.errors import StageError
@@ -67,7 +67,11 @@ class BatchEncoder(torch.utils.data.Dataset):
         idx = self.batches[i]
         images = [open_image(self.samples[j].image_ref, self.corpus_cfg) for j in idx]
         texts = [self.texts[self.samples[j].sample_id].text for j in idx]
-        return encode_batch(self.processor, images, texts, self.prompt, self.image_token_id, idx)
+        # Right padding: every sample's prompt and image then sit at the same positions, so
+        # the capture reads the image rows of all samples as one slice (no copy), and each
+        # sample's positions are those of its unbatched forward.
+        return encode_batch(self.processor, images, texts, self.prompt, self.image_token_id, idx,
+                            padding_side="right")
 
 
 def to_device(batch: ModelBatch, device: Any) -> ModelBatch:
@@ -106,6 +110,7 @@ def capture_shard(ctx: RunContext, shard: Shard, checkpoint: Path) -> NeuronStat
         state = NeuronState.empty(len(mlps), mlps[0].width, top_n, top_m, device)
 
     current: dict[str, BatchPositions] = {}
+    work = WorkBuffer()
 
     def sink(layer: int, activations: torch.Tensor) -> None:
         state.update_layer(layer, activations, current["positions"])
@@ -128,7 +133,7 @@ def capture_shard(ctx: RunContext, shard: Shard, checkpoint: Path) -> NeuronStat
         for batch in loader:
             # Modality positions are worked out once per batch, on the CPU, for every layer.
             current["positions"] = BatchPositions.from_masks(batch.visual_mask, batch.text_mask,
-                                                             batch.sample_index).to(device)
+                                                             batch.sample_index, work).to(device)
             forward(**to_device(batch, device).inputs)
             done += 1
             bar.advance(task)

@@ -107,3 +107,23 @@ def test_description_mentioning_images_is_text(tiny_vlm) -> None:
     assert tiny_vlm.processor.tokenizer.decode(batch.inputs["input_ids"][0][batch.text_mask[0]]).strip() == \
         "the image shows an image"
     assert batch.sample_index.tolist() == [7]
+
+
+def test_padding_side_argument_overrides_the_tokenizer(tiny_vlm) -> None:
+    """Capture asks for right padding whatever the tokenizer is set to; the masks move with it."""
+    processor = tiny_vlm.processor
+    assert processor.tokenizer.padding_side == "left"
+    images = [shape_sample(i)[0] for i in range(2)]
+    left = encode_batch(processor, images, DESCRIPTIONS[:2], PROMPT, tiny_vlm.image_token_id, [0, 1])
+    right = encode_batch(processor, images, DESCRIPTIONS[:2], PROMPT, tiny_vlm.image_token_id, [0, 1],
+                         padding_side="right")
+    assert processor.tokenizer.padding_side == "left"
+    assert not left.inputs["attention_mask"][0, 0] and not right.inputs["attention_mask"][0, -1]
+    for row in range(2):  # the same tokens and masks, only shifted
+        on_left, on_right = left.inputs["attention_mask"][row].bool(), right.inputs["attention_mask"][row].bool()
+        assert torch.equal(left.inputs["input_ids"][row][on_left], right.inputs["input_ids"][row][on_right])
+        for mask in ("visual_mask", "text_mask"):
+            assert torch.equal(getattr(left, mask)[row][on_left], getattr(right, mask)[row][on_right])
+    # With right padding the image sits at the same positions in every sample.
+    visual_rows = right.visual_mask.nonzero()[:, 1].view(2, -1)
+    assert torch.equal(visual_rows[0], visual_rows[1])

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import builder.capture.state as state_module
 from builder.capture.stage import BatchEncoder, Shard, capture_shard
 from builder.capture.state import BatchPositions, NeuronState
 from builder.classify import CATEGORIES, classify_state
@@ -91,7 +92,11 @@ def _capture_with_full_activations(tmp_path: Path, hook: str) -> Recorded:
 
 @pytest.fixture(scope="module", params=["act_fn", "down_proj_input"])
 def recorded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, builder_cache) -> Recorded:
-    return _capture_with_full_activations(tmp_path_factory.mktemp(request.param), request.param)
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "down_proj_input":
+            # The moments in slices of 8 positions (the CPU path for large models), not one.
+            mp.setattr(state_module, "CPU_SLICE_BYTES", 1)
+        return _capture_with_full_activations(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def _top_m(values: torch.Tensor, m: int) -> torch.Tensor:
@@ -220,16 +225,20 @@ def _fold(state: NeuronState, acts: torch.Tensor, visual: torch.Tensor, text: to
 
 
 def _crafted(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """12 samples x 5 positions x 4 neurons with heavy ties (values from a small set, signed zeros)."""
+    """12 samples x 6 positions x 4 neurons with heavy ties (values from a small set, signed
+    zeros). Odd samples sit one position later (as with left padding), so a batch mixing
+    both gathers its rows and a batch of one reads them in place."""
     gen = torch.Generator().manual_seed(seed)
     levels = torch.tensor([-1.0, -0.0, 0.0, 0.5, 1.0, 2.0])
-    acts = levels[torch.randint(0, len(levels), (12, 5, 4), generator=gen)]
+    acts = levels[torch.randint(0, len(levels), (12, 6, 4), generator=gen)]
     acts[:, :, 3] = 1.0  # every sample ties on neuron 3
-    visual = torch.zeros(12, 5, dtype=torch.bool)
-    visual[:, :3] = True
-    text = torch.zeros(12, 5, dtype=torch.bool)
-    text[:, 3:] = True
-    text[::3, 4] = False  # some samples have a single description token
+    visual = torch.zeros(12, 6, dtype=torch.bool)
+    text = torch.zeros(12, 6, dtype=torch.bool)
+    for s in range(12):
+        o = s % 2
+        visual[s, o : o + 3] = True
+        text[s, o + 3 : o + 5] = True
+    text[::3, 4:] = False  # some samples have a single description token
     visual[5, :] = False  # one sample without visual positions
     return acts, visual, text
 
@@ -279,17 +288,23 @@ def test_canonical_is_an_order_not_a_change() -> None:
         assert canon.top_value[0, d].tolist() == sorted(canon.top_value[0, d].tolist(), reverse=True)
 
 
-def test_batch_positions_pad_and_count() -> None:
+def test_batch_positions_rows() -> None:
     visual = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
-    text = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    text = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 1, 0]], dtype=torch.bool)
     pos = BatchPositions.from_masks(visual, text, torch.tensor([4, 9]))
-    assert pos.visual_index.tolist() == [[1, 2, 0], [0, 1, 2]]
-    assert pos.visual_pad is not None and pos.visual_pad[..., 0].tolist() == [[False, False, True], [False] * 3]
-    assert pos.text_index.tolist() == [[3, 4], [4, 0]]
+    assert pos.visual.start is None  # sample 0's image starts later: rows are gathered
+    assert pos.visual.index.tolist() == [[1, 2, 0], [0, 1, 2]]
+    assert pos.visual.pad is not None and pos.visual.pad[..., 0].tolist() == [[False, False, True], [False] * 3]
+    assert pos.text.start == 3 and pos.text.index.tolist() == [[3, 4], [3, 0]]  # one shared slice, padded
     assert pos.counts.tolist() == [5, 3]
     assert torch.equal(pos.weights[:, 0].bool(), visual) and torch.equal(pos.weights[:, 1].bool(), text)
+    a = torch.arange(2 * 5 * 2, dtype=torch.float32).view(2, 5, 2)
+    inf = float("-inf")
+    work = torch.empty_like(a)
+    assert pos.visual.take(a, work)[:, :, 0].tolist() == [[2.0, 4.0, inf], [10.0, 12.0, 14.0]]
+    assert pos.text.take(a, work)[:, :, 1].tolist() == [[7.0, 9.0], [17.0, inf]]
     full = BatchPositions.from_masks(visual[1:], text[:1], torch.tensor([0]))
-    assert full.visual_pad is None and full.text_pad is None
+    assert (full.visual.start, full.visual.pad, full.text.start, full.text.pad) == (0, None, 3, None)
+    assert full.visual.take(a[1:], work).data_ptr() == a[1:].data_ptr()  # read in place
     with pytest.raises(ValueError, match="sample index"):
         BatchPositions.from_masks(visual, text, torch.tensor([0, 2**33]))
-

@@ -145,11 +145,12 @@ class ClassifyConfig(Section):
     ]
     """Preference order when two categories have the same fraction."""
     significance: bool = False
-    """Also run the permutation test of visual vs text activation (extra columns)."""
+    """Also run the significance test: extra columns visual_minus_text, p_value_visual_vs_text
+    (sign-flip permutation test over the top samples) and p_value_category (exact sign test)."""
     permutations: int = Field(default=1000, ge=10)
-    """Permutations of the significance test."""
+    """Random sign patterns of the permutation test (all 2^n are used when that is fewer)."""
     seed: int = 0
-    """Seed of the significance test."""
+    """Seed of the significance test's random sign patterns."""
 
     @model_validator(mode="after")
     def _tie_break_is_a_permutation(self) -> ClassifyConfig:

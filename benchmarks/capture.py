@@ -9,16 +9,21 @@ subprocess, so its peak RSS is its own.
 Shapes (random weights, built from configs in process; nothing is downloaded):
 - `standin` (CPU): LLaVA-like proportions: a 336 px / patch 14 image (576 image tokens),
   a small CLIP tower, and a LLaMA language model wide enough that matmuls dominate
-  (hidden 1024, FFN 2816, 4 layers); descriptions of ~150 tokens (~750 tokens a sample).
+  (hidden 1024, FFN 2816, 4 layers); descriptions of 140-200 tokens (760 tokens a sample);
+  batches of 4; corpus sizes 8 and 32.
 - `llava15-7b` (GPU only): the real LLaVA-1.5-7B shape (CLIP ViT-L/14-336, 32 x 4096 LLaMA
-  layers with 11,008 FFN neurons), float16.
+  layers with 11,008 FFN neurons), float16; batches of 16; corpus sizes 64 and 192.
+Both keep N = 50 top samples and m = 8 order statistics per modality, as the paper's recipe.
 
     python benchmarks/capture.py [--shape auto|standin|llava15-7b] [--sizes 8 32] [--batch-size 4]
+                                 [--hook act_fn|down_proj_input] [--threads 1]
 
 Prints JSON per shape: `overhead_ratio` (capturing time / bare time over all measured
 batches of both sizes), `overhead_ratio_median` (median of the per-batch ratios, robust to
-bursts of load from other processes), `peak_rss_mb` per corpus size, `rss_growth` (peak RSS
-of the larger size over the smaller) and, on a GPU, `peak_gpu_mb`.
+bursts of load from other processes), `overhead_ratio_cpu` (the same with process CPU
+time), `capture_samples_per_second` (the figure for `plan.capture_samples_per_second`),
+`peak_rss_mb` per corpus size, `rss_growth` (peak RSS of the larger size over the smaller)
+and, on a GPU, `peak_gpu_mb` per run.
 """
 
 from __future__ import annotations
@@ -192,6 +197,7 @@ def measure(shape: Shape, samples: int, hook: str) -> dict:
         "bare_seconds": round(bare_s, 3),
         "capture_seconds": round(capture_s, 3),
         "overhead_ratio": round(capture_s / bare_s, 4),
+        "capture_samples_per_second": round(samples / capture_s, 3),
         "overhead_ratio_cpu": round(sum(cpus["capture"]) / sum(cpus["bare"]), 4),
         "batch_ratios": [round(c / b, 4) for b, c in zip(walls["bare"], walls["capture"])],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -228,6 +234,7 @@ def run_shape(name: str, shape: Shape, hook: str, threads: int) -> dict:
         "overhead_ratio": round(sum(r["capture_seconds"] for r in runs) / sum(r["bare_seconds"] for r in runs), 4),
         "overhead_ratio_median": round(statistics.median(ratios), 4),
         "overhead_ratio_cpu": round(statistics.mean(r["overhead_ratio_cpu"] for r in runs), 4),
+        "capture_samples_per_second": large["capture_samples_per_second"],
         "peak_rss_mb": {str(r["samples"]): r["peak_rss_mb"] for r in runs},
         "rss_growth": round(large["peak_rss_mb"] / small["peak_rss_mb"], 4),
         "runs": runs,

@@ -181,7 +181,8 @@ class CaptureStage:
         return [ctx.run_dir.capture_dir / STATE_FILE]
 
     def reset(self, ctx: RunContext) -> None:
-        for f in ctx.run_dir.capture_dir.glob("*.safetensors"):
+        folder = ctx.run_dir.capture_dir
+        for f in [*folder.glob("*.safetensors"), *folder.glob(".*.tmp")]:  # states, torn writes
             f.unlink()
 
     def run(self, ctx: RunContext) -> dict[str, int]:
@@ -192,6 +193,8 @@ class CaptureStage:
         ctx.processes.barrier()
         if shard.rank != 0:
             return {}
+        for torn in out_dir.glob(f".{STATE_FILE}.*.tmp"):
+            torn.unlink()  # a merge cut short by a kill
         state = None
         for r in range(shard.world):
             path = out_dir / Shard(r, shard.world).checkpoint_name

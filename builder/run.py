@@ -286,8 +286,9 @@ class Executor:
                 log.info("stage %-11s up to date, skipped", stage.name)
                 outcomes.append(StageOutcome(stage.name, False, 0.0, record.counts))
             else:
-                if record.fingerprint != fingerprint and record.status in ("done", "running", "failed"):
-                    # Inputs changed: partial state of the old inputs must not be resumed.
+                changed = record.fingerprint != fingerprint and record.status in ("done", "running", "failed")
+                if changed or (forced and record.status == "done"):
+                    # Inputs changed, or a redo was asked for: checkpoints must not be resumed.
                     reset = getattr(stage, "reset", None)
                     if reset is not None and record.fingerprint:
                         if procs.is_main:

@@ -101,12 +101,14 @@ def test_changed_upstream_resets_and_reruns_the_shared_stage_on_every_process(tm
     # (both wait for that) and every process captures again.
     runs = _launch(tmp_path, force=("text",), content="v2")
     assert runs == [("capture", 0), ("capture", 1), ("classify", 0), ("reset capture", 0), ("reset classify", 0),
-                    ("text", 0)]
+                    ("reset text", 0), ("text", 0)]
 
 
 def test_forced_shared_stage_runs_on_every_process(tmp_path: Path) -> None:
     _launch(tmp_path)
-    assert _launch(tmp_path, force=("capture",)) == [("capture", 0), ("capture", 1), ("classify", 0)]
+    # --force redoes the stage from scratch: its checkpoints are reset (by the main process) first.
+    assert _launch(tmp_path, force=("capture",)) == [("capture", 0), ("capture", 1), ("classify", 0),
+                                                     ("reset capture", 0), ("reset classify", 0)]
 
 
 def test_single_process_needs_no_barrier(tmp_path: Path) -> None:

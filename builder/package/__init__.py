@@ -110,7 +110,7 @@ def replace_dir(staging: Path, target: Path) -> None:
 
 class PackageStage:
     name = "package"
-    version = "2"
+    version = "3"
     sections = ("package", "model", "corpus", "publish", "exemplars", "explain", "simulate")
 
     def source_fingerprint(self, ctx: RunContext) -> str:

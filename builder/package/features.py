@@ -123,7 +123,11 @@ EXPLANATIONS = Features(
         "score": Value("float32"),
         "visual_score": Value("float32"),
         "text_score": Value("float32"),
+        "score_status": Value("string"),
+        "score_failure": Value("string"),
         "baseline_score": Value("float32"),
+        "baseline_layer": Value("int32"),
+        "baseline_neuron": Value("int32"),
         "per_sample_scores": List(
             {
                 "sample_id": Value("string"),

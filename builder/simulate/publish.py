@@ -14,8 +14,23 @@ import pyarrow.parquet as pq
 
 from builder.simulate.stage import SCORES_FILE, SCORES_SCHEMA
 
-PUBLISHED_SCORE_COLUMNS = ("simulator", "score", "visual_score", "text_score", "baseline_score", "per_sample_scores")
-"""The columns of `scores.parquet` that the `explanations` config publishes."""
+PUBLISHED_SCORE_COLUMNS = {
+    "simulator": "simulator",
+    "score": "score",
+    "visual_score": "visual_score",
+    "text_score": "text_score",
+    "score_status": "status",
+    "score_failure": "failure",
+    "baseline_score": "baseline_score",
+    "baseline_layer": "baseline_layer",
+    "baseline_neuron": "baseline_neuron",
+    "per_sample_scores": "per_sample_scores",
+}
+"""Published column of the `explanations` config -> its column in `scores.parquet`.
+
+`score_status` says why a score is null (`failed`: the simulator failed, see
+`score_failure`; `undefined`: the true activations were constant), the baseline columns
+which neuron's explanation gave the chance baseline."""
 
 
 def explanations_with_scores(run_dir: Path) -> pa.Table:
@@ -24,11 +39,13 @@ def explanations_with_scores(run_dir: Path) -> pa.Table:
     scores_path = Path(run_dir) / SCORES_FILE
     scores = pq.read_table(scores_path) if scores_path.exists() else SCORES_SCHEMA.empty_table()
     # Joined in Python: pyarrow's join refuses list columns (per_sample_scores) as non-key fields.
-    by_key = {(r["layer"], r["neuron"]): r for r in scores.select(["layer", "neuron", *PUBLISHED_SCORE_COLUMNS]).to_pylist()}
+    sources = list(PUBLISHED_SCORE_COLUMNS.values())
+    by_key = {(r["layer"], r["neuron"]): r for r in scores.select(["layer", "neuron", *sources]).to_pylist()}
     keys = zip(explanations.column("layer").to_pylist(), explanations.column("neuron").to_pylist())
     matched = [by_key.get(k) for k in keys]
     out = explanations
-    for name in PUBLISHED_SCORE_COLUMNS:
-        values = [None if m is None else m[name] for m in matched]
-        out = out.append_column(SCORES_SCHEMA.field(name), pa.array(values, SCORES_SCHEMA.field(name).type))
+    for published, source in PUBLISHED_SCORE_COLUMNS.items():
+        values = [None if m is None else m[source] for m in matched]
+        field = SCORES_SCHEMA.field(source)
+        out = out.append_column(pa.field(published, field.type), pa.array(values, field.type))
     return out

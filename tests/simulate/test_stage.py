@@ -307,7 +307,7 @@ def test_scores_join_the_explanations_config(simulated_run: Path):
         if r["status"] != "ok":
             assert s is None and r["score"] is None and r["per_sample_scores"] is None
         else:
-            assert all(r[c] == s[c] for c in PUBLISHED_SCORE_COLUMNS)
+            assert all(r[published] == s[source] for published, source in PUBLISHED_SCORE_COLUMNS.items())
     # the published features accept it as it is
     from builder.package.features import EXPLANATIONS
 

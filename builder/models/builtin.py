@@ -126,38 +126,53 @@ def tiny_backbone_configs(spec: TinyLlavaSpec, tokenizer):
     return vision, text
 
 
+def llava_config_kwargs(spec: TinyLlavaSpec, tokenizer) -> dict:
+    """Config arguments shared by the tiny LLaVA families: tiny towers, LLaVA-1.5's feature choice."""
+    vision, text = tiny_backbone_configs(spec, tokenizer)
+    return {
+        "vision_config": vision,
+        "text_config": text,
+        "image_token_index": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        "image_seq_length": spec.grid**2,
+        "vision_feature_select_strategy": "default",
+        "vision_feature_layer": -2,
+    }
+
+
+def llava_processor_kwargs(spec: TinyLlavaSpec, tokenizer) -> dict:
+    """Processor arguments shared by the tiny LLaVA families (one CLS feature dropped)."""
+    return {
+        "tokenizer": tokenizer,
+        "patch_size": spec.patch_size,
+        "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1,
+        "chat_template": LLAVA_CHAT_TEMPLATE,
+    }
+
+
+def seeded_model(model_class, config, tokenizer, seed: int):
+    """`model_class(config)` with random weights from `seed`, generating with the tokenizer's ids."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
 def build_tiny_llava(spec: TinyLlavaSpec):
     """Model and processor of the tiny LLaVA, random weights from `spec.seed`."""
-    import torch
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tokenizer = build_tokenizer(spec)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    vision, text = tiny_backbone_configs(spec, tokenizer)
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image_token_id,
-        image_seq_length=spec.grid**2,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
-    torch.manual_seed(spec.seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    config = LlavaConfig(**llava_config_kwargs(spec, tokenizer))
+    model = seeded_model(LlavaForConditionalGeneration, config, tokenizer, spec.seed)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
     )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=spec.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
+    processor = LlavaProcessor(image_processor=image_processor, **llava_processor_kwargs(spec, tokenizer))
     return model, processor
 
 

@@ -13,12 +13,12 @@ differs per image; `builder.models.layout` maps them back to a fixed patch grid.
 from __future__ import annotations
 
 from builder.models.builtin import (
-    IMAGE_TOKEN,
-    LLAVA_CHAT_TEMPLATE,
     TinyLlavaSpec,
     build_tokenizer,
+    llava_config_kwargs,
+    llava_processor_kwargs,
     register_builtin,
-    tiny_backbone_configs,
+    seeded_model,
 )
 
 
@@ -31,40 +31,20 @@ def grid_pinpoints(spec: TinyLlavaSpec) -> list[list[int]]:
 
 def build_tiny_llava_next(spec: TinyLlavaSpec):
     """Model and processor of the tiny LLaVA-NeXT, random weights from `spec.seed`."""
-    import torch
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     tokenizer = build_tokenizer(spec)
-    vision, text = tiny_backbone_configs(spec, tokenizer)
     pinpoints = grid_pinpoints(spec)
-    config = LlavaNextConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_grid_pinpoints=pinpoints,
-        image_seq_length=spec.grid**2,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
-    torch.manual_seed(spec.seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    config = LlavaNextConfig(**llava_config_kwargs(spec, tokenizer), image_grid_pinpoints=pinpoints)
+    model = seeded_model(LlavaNextForConditionalGeneration, config, tokenizer, spec.seed)
     # The PIL image processor: the same preprocessing whether or not torchvision is installed.
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
         image_grid_pinpoints=pinpoints,
     )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=spec.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
+    processor = LlavaNextProcessor(image_processor=image_processor, **llava_processor_kwargs(spec, tokenizer))
     return model, processor
 
 

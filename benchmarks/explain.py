@@ -10,9 +10,13 @@ The latency-bound rate is concurrency / latency neurons per second; the client's
 is 1 - measured / latency-bound; each level is the best of `--repeats` trials (the
 machine may be shared; every trial's overhead and the load average are printed too).
 `client_cpu_share_of_latency` is the client's CPU time per neuron over the latency: the
-overhead on an otherwise idle core. Prints JSON.
+overhead on an otherwise idle core. Each `--http` client of the SDK is measured (aiohttp is
+what the transport uses unless a proxy is configured; httpx is the SDK's default), and
+`floor` is a bare asyncio socket client sending prebuilt requests over keep-alive
+connections at each level: the overhead the server and loopback alone account for.
+Prints JSON.
 
-    python benchmarks/explain.py [--latency 0.2] [--rounds 20] [--repeats 3]
+    python benchmarks/explain.py [--latency 0.2] [--rounds 20] [--repeats 3] [--http aiohttp,httpx]
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def synthetic_neurons(count: int, seed: int, categories: tuple[str, ...] = ("vis
     from builder.explain.records import Exemplar, NeuronExemplars
 
     rng = random.Random(seed)
-    images = [photo_like_jpeg(i) for i in range(8)]
+    images = [photo_like_jpeg(i) for i in range(24)]  # 24**5 image choices: no two prompts alike
     words = [" a", " red", " train", " on", " the", " track", " near", " station", " with", " people"]
     out = []
     for n in range(count):
@@ -85,7 +89,36 @@ def start_server(latency: float) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def measure(url: str, concurrency: int, neurons: list, latency: float) -> dict:
+def floor(url: str, concurrency: int, rounds: int, latency: float, body_size: int = 130_000) -> float:
+    """Overhead of a bare asyncio client: one keep-alive connection per slot, one prebuilt request."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    body = b'{"x":"' + b"a" * body_size + b'"}'
+    request = (f"POST {parts.path}/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+    async def slot() -> None:
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        for _ in range(rounds):
+            writer.write(request)
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            await reader.readexactly(length)
+        writer.close()
+
+    async def go() -> float:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(slot() for _ in range(concurrency)))
+        return time.perf_counter() - t0
+
+    wall = asyncio.run(go())
+    return round(1 - rounds * concurrency / wall / (concurrency / latency), 4)
+
+
+def measure(url: str, concurrency: int, neurons: list, latency: float, http: str = "aiohttp") -> dict:
     from builder.config import ExplainConfig
     from builder.explain.backends import LLMExplainer, call_settings
     from builder.explain.stage import explain_all
@@ -95,7 +128,7 @@ def measure(url: str, concurrency: int, neurons: list, latency: float) -> dict:
 
     cfg = ExplainConfig(backend="openai", max_concurrency=concurrency)
     with tempfile.TemporaryDirectory() as tmp:
-        client = CachedClient(lambda: OpenAITransport(timeout=30, base_url=url, api_key="bench"),
+        client = CachedClient(lambda: OpenAITransport(timeout=30, base_url=url, api_key="bench", http=http),
                               ResponseCache(Path(tmp) / "cache.sqlite"), call_settings(cfg))
         explainer = LLMExplainer(client, cfg)
 
@@ -113,6 +146,7 @@ def measure(url: str, concurrency: int, neurons: list, latency: float) -> dict:
     rate = len(neurons) / wall
     bound = concurrency / latency
     return {
+        "http": http,
         "concurrency": concurrency,
         "neurons": len(neurons),
         "ok": ok,
@@ -134,6 +168,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="neurons per level = rounds x concurrency")
     parser.add_argument("--levels", default="1,8,32")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--http", default="aiohttp,httpx", help="the SDK's HTTP clients to measure")
     parser.add_argument("--categories", default="visual,text,multimodal",
                         help="neuron categories, round robin (text alone: no images in the requests)")
     args = parser.parse_args()
@@ -141,17 +176,21 @@ def main() -> None:
     os.environ.setdefault("BUILDER_PROGRESS", "0")
     load_before = os.getloadavg()[0]
     proc, url = start_server(args.latency)
+    cats = tuple(args.categories.split(","))
+    levels = [int(x) for x in args.levels.split(",")]
     try:
-        rows = []
-        for i, c in enumerate(int(x) for x in args.levels.split(",")):
-            cats = tuple(args.categories.split(","))
-            measure(url, c, synthetic_neurons(c, 1000 + i, cats), args.latency)  # warm up imports
-            # Best of `repeats` (distinct neurons each, cold cache): the machine may be shared.
-            trials = [measure(url, c, synthetic_neurons(args.rounds * c, 100 * i + k, cats), args.latency)
-                      for k in range(args.repeats)]
-            best = max(trials, key=lambda r: r["neurons_per_second"])
-            best["overhead_all_trials"] = [t["overhead"] for t in trials]
-            rows.append(best)
+        clients: dict[str, list[dict]] = {}
+        for http in args.http.split(","):
+            rows = clients[http] = []
+            for i, c in enumerate(levels):
+                measure(url, c, synthetic_neurons(c, 1000 + i, cats), args.latency, http)  # warm up imports
+                # Best of `repeats` (distinct neurons each, cold cache): the machine may be shared.
+                trials = [measure(url, c, synthetic_neurons(args.rounds * c, 100 * i + k, cats), args.latency, http)
+                          for k in range(args.repeats)]
+                best = max(trials, key=lambda r: r["neurons_per_second"])
+                best["overhead_all_trials"] = [t["overhead"] for t in trials]
+                rows.append(best)
+        floors = {c: min(floor(url, c, args.rounds, args.latency) for _ in range(args.repeats)) for c in levels}
     finally:
         proc.kill()
         proc.wait()
@@ -164,8 +203,9 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_average_before": round(load_before, 2),
                     "load_average_after": round(os.getloadavg()[0], 2)},
-        "levels": rows,
-        "max_overhead": max(r["overhead"] for r in rows),
+        "clients": clients,
+        "floor_overhead": floors,
+        "max_overhead": {http: max(r["overhead"] for r in rows) for http, rows in clients.items()},
         "target_overhead": 0.05,
     }, indent=2))
 

@@ -29,8 +29,13 @@ class LLMExplainer:
     def request(self, neuron: NeuronExemplars) -> Request:
         return explain_request(neuron, self.cfg)
 
-    async def explain(self, neuron: NeuronExemplars) -> str:
-        response = await self.client.complete(self.request(neuron))
+    def prepare(self, neuron: NeuronExemplars) -> Request:
+        request = self.request(neuron)
+        request.key  # serialises and hashes the body now (cached on the request), not on the send's path
+        return request
+
+    async def explain(self, prepared: Request) -> str:
+        response = await self.client.complete(prepared)
         return parse_explanation(response.text)
 
 

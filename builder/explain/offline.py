@@ -126,5 +126,8 @@ class OfflineExplainer:
             )
         return " and ".join(phrases)
 
-    async def explain(self, neuron: NeuronExemplars) -> str:
-        return self.explain_now(neuron)
+    def prepare(self, neuron: NeuronExemplars) -> NeuronExemplars:
+        return neuron
+
+    async def explain(self, prepared: NeuronExemplars) -> str:
+        return self.explain_now(prepared)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -68,5 +68,11 @@ class Explainer(Protocol):
     prompt_version: str
     """Recorded in the `prompt_version` column."""
 
-    async def explain(self, neuron: NeuronExemplars) -> str:
+    def prepare(self, neuron: NeuronExemplars) -> Any:
+        """The work that needs no answer (an LLM explainer's request, serialised and keyed),
+        done ahead of sending by :func:`~builder.explain.stage.explain_all`."""
+        ...
+
+    async def explain(self, prepared: Any) -> str:
+        """The phrase for what `prepare` returned."""
         ...

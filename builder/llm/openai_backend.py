@@ -3,12 +3,19 @@
 Works with OpenAI, Azure OpenAI's v1 endpoint, vLLM, Ollama and `transformers serve`:
 the endpoint and key come from `OPENAI_BASE_URL` / `OPENAI_API_KEY`. The SDK's own retries
 are off (`max_retries=0`): the call layer retries, so the policy is ours.
+
+The SDK runs over its aiohttp HTTP client (`openai[aiohttp]`): at 32 requests in flight
+its default httpx client alone costs ~4 % of the latency-bound rate on loopback, aiohttp
+~1.5 % (`benchmarks/explain.py --http` compares them). aiohttp does not read proxy
+settings from the environment, so where `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` is set
+the httpx client (which honours them, and `NO_PROXY`) is used instead.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import urllib.request
 from typing import Any
 
 from builder.errors import BuilderError
@@ -27,8 +34,9 @@ class EndpointError(BuilderError):
 class OpenAITransport:
     """`openai.AsyncOpenAI` with retries off; maps the SDK's outcomes onto the call layer's types."""
 
-    def __init__(self, timeout: float, base_url: str | None = None, api_key: str | None = None):
-        from openai import AsyncOpenAI
+    def __init__(self, timeout: float, base_url: str | None = None, api_key: str | None = None,
+                 http: str = "auto"):
+        from openai import AsyncOpenAI, DefaultAioHttpClient, DefaultAsyncHttpxClient
 
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
@@ -40,7 +48,10 @@ class OpenAITransport:
                 )
             api_key = "unused"  # local servers (vLLM, Ollama, transformers serve) accept any key
         self.base_url = base_url
-        self._client = AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout)
+        self.http = http_client_kind(http)
+        http_client = {"aiohttp": DefaultAioHttpClient, "httpx": DefaultAsyncHttpxClient}[self.http](timeout=timeout)
+        self._client = AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout,
+                                   http_client=http_client)
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -75,6 +86,16 @@ class OpenAITransport:
             # A torn or garbled body (proxy hiccup): a resend usually gets a good one.
             raise TransientError(f"malformed response body: {str(e)[:200]}") from e
         return response_from_completion(completion)
+
+
+def http_client_kind(http: str) -> str:
+    """`aiohttp` or `httpx` for `http` (`auto`: aiohttp unless the environment names a proxy)."""
+    if http == "auto":
+        proxies = urllib.request.getproxies_environment()
+        return "httpx" if any(proxies.get(scheme) for scheme in ("http", "https", "all")) else "aiohttp"
+    if http not in ("aiohttp", "httpx"):
+        raise ValueError(f"http must be auto, aiohttp or httpx, not {http!r}")
+    return http
 
 
 def response_from_completion(completion: Any) -> Response:

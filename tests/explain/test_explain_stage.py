@@ -287,3 +287,48 @@ def test_recipe_only_estimate_for_the_offline_plan(ctx_for, exemplar_run):
     assert est["explain_dollars"] == pytest.approx((est["explain_input_tokens"] * 2.5 + 24 * 60 * 10) / 1e6)
     offline = estimate_explain_cost(ctx_for(exemplar_run).recipe, layers=4)
     assert offline["explain_neurons"] == 24 and offline["explain_requests"] == 0 and offline["explain_dollars"] == 0
+
+
+class _ScriptedExplainer:
+    """Answers after a delay; neuron 2 fails typed, neuron 5 raises a bug."""
+
+    name = "scripted"
+    prompt_version = "t"
+
+    def __init__(self):
+        self.prepared: list[int] = []
+
+    def prepare(self, neuron: NeuronExemplars) -> NeuronExemplars:
+        self.prepared.append(neuron.neuron)
+        return neuron
+
+    async def explain(self, prepared: NeuronExemplars) -> str:
+        import asyncio
+
+        await asyncio.sleep(0.01 * (prepared.neuron % 3))
+        if prepared.neuron == 2:
+            raise ExplainFailure("no_evidence", "nothing")
+        if prepared.neuron == 5 and getattr(self, "bug", False):
+            raise RuntimeError("a bug")
+        return f"concept {prepared.neuron}"
+
+
+def test_explain_all_keeps_neuron_order_records_failures_and_stops_on_a_bug():
+    import asyncio
+
+    from builder.explain.stage import explain_all
+
+    neurons = [NeuronExemplars(0, i, "text", ()) for i in range(40)]
+    explainer = _ScriptedExplainer()
+    done = []
+    results = asyncio.run(explain_all(explainer, neurons, 4, on_done=lambda: done.append(1)))
+    assert [r.neuron for r in results] == list(range(40)) and len(done) == 40
+    assert explainer.prepared == list(range(40))  # each neuron prepared once, in order
+    assert results[2].status == "failed" and results[2].explanation is None and "nothing" in results[2].failure
+    assert all(r.status == "ok" and r.explanation == f"concept {r.neuron}" for r in results if r.neuron != 2)
+
+    explainer = _ScriptedExplainer()
+    explainer.bug = True
+    with pytest.raises(RuntimeError, match="a bug"):
+        asyncio.run(explain_all(explainer, neurons, 4))
+    assert len(explainer.prepared) < 40  # the rest was cancelled, not explained

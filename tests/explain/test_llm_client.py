@@ -15,14 +15,14 @@ import pytest
 from builder.llm.cache import ResponseCache
 from builder.llm.client import CachedClient, CallSettings
 from builder.llm.limits import Price, RateLimiter, RetryPolicy, estimate_tokens, image_tokens, parse_retry_after
-from builder.llm.openai_backend import EndpointError, OpenAITransport
+from builder.llm.openai_backend import EndpointError, OpenAITransport, http_client_kind
 from builder.llm.types import FailureKind, LLMFailure, Request, Response, Usage
 
 
-def make_client(path: Path, base_url: str, **kw) -> CachedClient:
+def make_client(path: Path, base_url: str, http: str = "auto", **kw) -> CachedClient:
     settings = CallSettings(timeout_seconds=0.5, retry=kw.pop("retry", RetryPolicy(8, 0.01, 0.05)), **kw)
-    return CachedClient(lambda: OpenAITransport(timeout=0.5, base_url=base_url, api_key="k"), ResponseCache(path),
-                        settings)
+    return CachedClient(lambda: OpenAITransport(timeout=0.5, base_url=base_url, api_key="k", http=http),
+                        ResponseCache(path), settings)
 
 
 def questions(n: int) -> list[Request]:
@@ -49,14 +49,15 @@ def kinds(results: list[Response | LLMFailure]) -> Counter:
     return Counter(r.kind.value for r in results if isinstance(r, LLMFailure))
 
 
+@pytest.mark.parametrize("http", ["aiohttp", "httpx"])
 def test_every_fault_ends_in_an_answer_or_a_typed_failure_and_a_rerun_sends_nothing(tmp_path, fake_server,
-                                                                                     fake_module):
+                                                                                     fake_module, http):
     fake_server.faults = ["429", "500", "503", "hang", "malformed", "empty_choices", "refusal", "content_filter",
                           "400", "400_filter"]
     reqs = questions(16)
-    client = make_client(tmp_path / "c.sqlite", fake_server.base_url, max_concurrency=4)
+    client = make_client(tmp_path / "c.sqlite", fake_server.base_url, http=http, max_concurrency=4)
     results = run_all(client, reqs)
-    assert len(results) == 16
+    assert client.stats.sent and len(results) == 16
     # Transient faults were retried away; terminal ones are typed, one request each.
     assert kinds(results) == Counter({"empty": 1, "refusal": 1, "content_filter": 2, "http_error": 1})
     answers = [(q, r) for q, r in zip(reqs, results) if isinstance(r, Response)]
@@ -75,6 +76,18 @@ def test_every_fault_ends_in_an_answer_or_a_typed_failure_and_a_rerun_sends_noth
     assert kinds(again) == kinds(results)
     assert all(a.cached for a in again)
     assert [a.text for a in again if isinstance(a, Response)] == [r.text for _, r in answers]
+
+
+def test_the_http_client_is_aiohttp_unless_the_environment_names_a_proxy(monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert http_client_kind("auto") == "aiohttp"
+    assert OpenAITransport(timeout=1, base_url="http://127.0.0.1:9/v1", api_key="k").http == "aiohttp"
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert http_client_kind("auto") == "httpx"  # aiohttp would ignore the proxy
+    assert http_client_kind("aiohttp") == "aiohttp"
+    with pytest.raises(ValueError, match="auto, aiohttp or httpx"):
+        http_client_kind("requests")
 
 
 def test_retry_after_is_honoured(tmp_path, fake_server):

@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from builder.errors import RecipeError
+
+
+BatchSize = Annotated[int, Field(ge=1)] | Literal["auto"]
+"""A batch size, or `auto`: from free GPU memory (the CPU default without CUDA)."""
 
 
 class Section(BaseModel):
@@ -105,15 +109,17 @@ class TextConfig(Section):
     """The user turn; also the question before a caption in `caption` mode."""
     max_new_tokens: int = Field(default=256, ge=1)
     """generate: maximum description length."""
-    batch_size: int = Field(default=8, ge=1)
-    """generate: images per generation batch."""
+    batch_size: BatchSize = 8
+    """generate: images per generation batch; `auto`: the most that fit the GPU's free memory
+    (builder/capture/memory.py)."""
 
 
 class CaptureConfig(Section):
     hook: Literal["act_fn", "down_proj_input"] = "act_fn"
     """`act_fn`: SiLU(gate_proj(x)) (the paper's neuron); `down_proj_input`: SiLU(gate)*up."""
-    batch_size: int = Field(default=8, ge=1)
-    """Samples per forward pass."""
+    batch_size: BatchSize = 8
+    """Samples per forward pass; `auto`: the most that fit the GPU's free memory, chosen once
+    per run and kept on resume (builder/capture/memory.py)."""
     top_m: int = Field(default=8, ge=1)
     """Order statistics kept per modality for each top sample (>= both min-token counts)."""
     checkpoint_every: int = Field(default=50, ge=1)
@@ -322,6 +328,8 @@ class PlanConfig(Section):
     """Dense bf16 peak of the GPU for the roofline estimate (H100 SXM: 989)."""
     memory_bandwidth_gbs: float = Field(default=3350.0, gt=0)
     """GPU memory bandwidth in GB/s for the decoding estimate (H100 SXM: 3350)."""
+    gpu_memory_gib: float = Field(default=80.0, gt=0)
+    """GPU memory per process, for the batch sizes `auto` would choose (H100: 80)."""
     utilisation: float = Field(default=0.4, gt=0, le=1)
     """Assumed fraction of peak reached."""
     template_tokens: int = Field(default=20, ge=0)

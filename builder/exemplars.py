@@ -198,7 +198,7 @@ def record_activations(
     neurons. Reuses capture's inputs (`BatchEncoder`, the same masks) and hooks.
     """
     from builder.capture.hooks import neuron_hooks
-    from builder.capture.stage import BatchEncoder, _base_forward, to_device
+    from builder.capture.stage import BatchEncoder, _base_forward, capture_batch_size, to_device
     from builder.classify import normalise
     from builder.models.layout import image_layout
 
@@ -214,7 +214,7 @@ def record_activations(
     col_index = {layer: {n: i for i, n in enumerate(ns)} for layer, ns in columns.items()}
     col_tensor = {layer: torch.tensor(ns, device=vlm.device) for layer, ns in columns.items()}
     order = sorted(wanted)
-    size = batch_size or ctx.recipe.capture.batch_size
+    size = batch_size or capture_batch_size(ctx, ctx.recipe.capture.batch_size, order)
     batches = [order[i : i + size] for i in range(0, len(order), size)]
     # Images decoded and tokenised ahead of the model by capture's workers (capture.num_workers).
     loader = torch.utils.data.DataLoader(BatchEncoder(ctx, batches), batch_size=None,

@@ -2,8 +2,8 @@
 
 Each image gets the chat-formatted `text.prompt` (`prompt_prefix`), and the model
 continues greedily for at most `text.max_new_tokens`, `text.batch_size` images per
-`model.generate` call (left padding, KV cache). Special tokens are stripped from the
-decoded text.
+`model.generate` call (left padding, KV cache; `auto`: as many as fit the free GPU
+memory). Special tokens are stripped from the decoded text.
 
 Every finished batch is appended at once to `descriptions.jsonl` in the run directory, one
 line per sample keyed by (sample_id, image pixel hash, generation key); the key hashes the
@@ -123,6 +123,19 @@ def describe_batch(vlm: Any, images: list[Image.Image], prefix: str, max_new_tok
     return results
 
 
+def generate_batch_size(vlm: Any, prefix: str, setting: int | str, max_new_tokens: int) -> int:
+    """`setting`, or for `auto` what fits the free GPU memory (builder/capture/memory.py)."""
+    from builder.capture.memory import choose_batch_size, generate_bytes_per_sample, shape_of
+    from builder.models.layout import image_tokens_bound
+
+    def per_sample() -> int:
+        tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
+        prompt = image_tokens_bound(vlm.model.config) + len(tokenizer(prefix)["input_ids"])
+        return generate_bytes_per_sample(shape_of(vlm.model), prompt, max_new_tokens)
+
+    return choose_batch_size(setting, vlm.device, per_sample).size
+
+
 def generate_descriptions(ctx: RunContext, samples: list[Sample]) -> list[SampleText]:
     """The model's description of every sample, generating only those not cached yet."""
     cfg = ctx.recipe.text
@@ -135,10 +148,11 @@ def generate_descriptions(ctx: RunContext, samples: list[Sample]) -> list[Sample
     if len(pending) < len(samples):
         log.info("text: %d of %d descriptions cached in %s", len(samples) - len(pending), len(samples), cache_path.name)
     prefix = prompt_prefix(vlm.processor, cfg.prompt)
+    batch_size = generate_batch_size(vlm, prefix, cfg.batch_size, cfg.max_new_tokens) if pending else 1
     with progress() as bar:
         task = bar.add_task("text: describing images", total=len(samples), completed=len(samples) - len(pending))
-        for start in range(0, len(pending), cfg.batch_size):
-            batch = pending[start : start + cfg.batch_size]
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
             images = [open_image(s.image_ref, ctx.recipe.corpus) for s in batch]
             made = [
                 Description(s.sample_id, s.image_sha256, key, text, n, stopped)

@@ -41,6 +41,10 @@ class BuildPlan:
     samples: int
     missing_images: int
     batches: int
+    capture_batch_size: int
+    generate_batch_size: int
+    batch_note: str
+    """How the batch sizes were chosen (the recipe's, or `auto` for plan.gpu_memory_gib)."""
     stages: list[str]
     generate_tokens: int
     capture_seconds: float
@@ -65,10 +69,13 @@ class BuildPlan:
             f"  model       {self.model_id}: {s.layers} layers x {s.neurons_per_layer} = {self.neurons:,} neurons "
             f"({s.image_tokens} image tokens/sample; shape from {s.source})",
             f"  samples     {self.samples:,} ({self.missing_images:,} with a missing image file, to be skipped)",
-            f"  capture     {self.batches:,} batches; ~{_hours(self.capture_seconds)} GPU",
+            f"  capture     {self.batches:,} batches of {self.capture_batch_size}; "
+            f"~{_hours(self.capture_seconds)} GPU",
         ]
         if self.generate_tokens:
-            lines.append(f"  generate    ~{self.generate_tokens:,} new tokens; ~{_hours(self.generate_seconds)} GPU")
+            lines.append(f"  generate    ~{self.generate_tokens:,} new tokens in batches of {self.generate_batch_size}; "
+                         f"~{_hours(self.generate_seconds)} GPU")
+        lines.append(f"  batches     {self.batch_note}")
         lines.append(f"  time from   {self.time_source}")
         lines.append(
             f"  explain     {self.explain_neurons:,} neurons, {self.explain_requests:,} requests, "
@@ -105,11 +112,10 @@ def model_shape(recipe: Recipe) -> ModelShape:
     except (OSError, ValueError):
         config = None
     if config is not None:
+        from builder.models.layout import image_tokens_bound
+
         text = getattr(config, "text_config", config)
-        vision = getattr(config, "vision_config", None)
-        image_tokens = getattr(config, "image_seq_length", None) or (
-            (vision.image_size // vision.patch_size) ** 2 if vision is not None else 0
-        )
+        image_tokens = image_tokens_bound(config) if getattr(config, "vision_config", None) is not None else 0
         params = _lm_parameters(text.num_hidden_layers, text.hidden_size, text.intermediate_size, text.vocab_size)
         return ModelShape(text.num_hidden_layers, text.intermediate_size, text.hidden_size, int(image_tokens),
                           params, source)
@@ -151,10 +157,15 @@ def make_plan(recipe: Recipe, stages: list[str]) -> BuildPlan:
     problems = []
     if usable == 0:
         problems.append(f"corpus {recipe.corpus.kind}:{recipe.corpus.path} has no sample with an existing image")
-    batches = math.ceil(usable / recipe.capture.batch_size) if usable else 0
     p = recipe.plan
     description_tokens = recipe.text.max_new_tokens if recipe.text.source == "generate" else p.caption_tokens
     seq = shape.image_tokens + p.template_tokens + description_tokens
+    capture_batch, text_batch = planned_batch_sizes(recipe, shape, seq)
+    autos = [name for name, v in (("capture", recipe.capture.batch_size), ("text", recipe.text.batch_size))
+             if v == "auto"]
+    batch_note = (f"{' and '.join(autos)} batch size auto: estimated for {p.gpu_memory_gib:g} GiB of GPU memory "
+                  "(plan.gpu_memory_gib), chosen from the free memory at run time" if autos else "from the recipe")
+    batches = math.ceil(usable / capture_batch) if usable else 0
     if p.capture_samples_per_second:
         capture_s = usable / p.capture_samples_per_second
         time_source = "measured throughputs (plan.* keys, from benchmarks/capture.py)"
@@ -172,10 +183,17 @@ def make_plan(recipe: Recipe, stages: list[str]) -> BuildPlan:
     elif p.generate_tokens_per_second:
         generate_s = generate_tokens / p.generate_tokens_per_second
     else:
-        # Decoding is bound by reading the weights once per step for a whole batch.
-        steps = math.ceil(usable / recipe.text.batch_size) * recipe.text.max_new_tokens
-        bytes_per_step = shape.parameters_b * 1e9 * 2
-        generate_s = steps * bytes_per_step / (p.memory_bandwidth_gbs * 1e9 * p.utilisation)
+        # Decoding is bound by memory reads: each step reads the weights once for the whole
+        # batch, and every row's KV cache (on average the prompt and half the new tokens);
+        # the prompts' prefill is compute-bound like the capture pass.
+        new = recipe.text.max_new_tokens
+        prompt = shape.image_tokens + p.template_tokens
+        steps = math.ceil(usable / text_batch) * new
+        kv_bytes_per_token = 2 * shape.layers * shape.hidden * 2
+        bytes_per_step = shape.parameters_b * 1e9 * 2 + text_batch * (prompt + new / 2) * kv_bytes_per_token
+        decode_s = steps * bytes_per_step / (p.memory_bandwidth_gbs * 1e9 * p.utilisation)
+        prefill_s = 2 * shape.parameters_b * 1e9 * prompt * usable / (p.peak_tflops * 1e12 * p.utilisation)
+        generate_s = decode_s + prefill_s
     explain = explain_estimate(recipe, shape)
     return BuildPlan(
         recipe=recipe.recipe.name,
@@ -184,6 +202,9 @@ def make_plan(recipe: Recipe, stages: list[str]) -> BuildPlan:
         samples=samples,
         missing_images=missing,
         batches=batches,
+        capture_batch_size=capture_batch,
+        generate_batch_size=text_batch,
+        batch_note=batch_note,
         stages=stages,
         generate_tokens=generate_tokens,
         capture_seconds=capture_s,
@@ -192,6 +213,28 @@ def make_plan(recipe: Recipe, stages: list[str]) -> BuildPlan:
         problems=problems,
         **explain,
     )
+
+
+def planned_batch_sizes(recipe: Recipe, shape: ModelShape, seq: int) -> tuple[int, int]:
+    """(capture, generation) batch sizes: the recipe's, or what `auto` would choose on a GPU
+    of `plan.gpu_memory_gib` holding the weights (bf16, plus ~0.6 B vision parameters)."""
+    from builder.capture.memory import (
+        LanguageModelShape,
+        batch_size_for,
+        capture_bytes_per_sample,
+        generate_bytes_per_sample,
+    )
+
+    lm = LanguageModelShape(shape.layers, shape.hidden, shape.neurons_per_layer, 2)
+    free = max(0.0, recipe.plan.gpu_memory_gib * 2**30 - (shape.parameters_b + 0.6) * 1e9 * 2)
+    capture = recipe.capture.batch_size
+    if capture == "auto":
+        capture = batch_size_for(int(free), capture_bytes_per_sample(lm, seq))
+    text = recipe.text.batch_size
+    if text == "auto":
+        prompt = shape.image_tokens + recipe.plan.template_tokens
+        text = batch_size_for(int(free), generate_bytes_per_sample(lm, prompt, recipe.text.max_new_tokens))
+    return int(capture), int(text)
 
 
 def explain_estimate(recipe: Recipe, shape: ModelShape) -> dict[str, float | int]:

@@ -44,8 +44,24 @@ def test_plan_numbers_trace_to_the_recipe(detail_23k) -> None:
     assert plan.shape.source == "recipe"
     assert plan.neurons == 352_256
     assert (plan.samples, plan.missing_images) == (37, 1)
-    assert plan.batches == math.ceil(36 / recipe.capture.batch_size)
     seq = 576 + recipe.plan.template_tokens + recipe.text.max_new_tokens
+    # `auto` batch sizes, for an 80 GiB GPU holding the bf16 weights (language model + ~0.6 B vision).
+    assert recipe.capture.batch_size == recipe.text.batch_size == "auto"
+    free = 80 * 2**30 - (plan.shape.parameters_b + 0.6) * 2e9
+    per_token = (8 * 4096 + 3 * 11008) * 2 + 20 * 11008
+    assert plan.capture_batch_size == math.floor(0.7 * int(free) / (per_token * seq)) == 166
+    kv_per_token = 2 * 32 * 4096 * 2
+    prompt = 576 + recipe.plan.template_tokens
+    per_sample = kv_per_token * (prompt + recipe.text.max_new_tokens) + prompt * (8 * 4096 + 3 * 11008) * 2
+    assert plan.generate_batch_size == math.floor(0.7 * int(free) / per_sample)
+    assert plan.batches == 1 and "auto" in plan.batch_note
+    # Decoding reads the weights and the batch's KV caches every step; the prefill is compute-bound.
+    step_bytes = plan.shape.parameters_b * 2e9 + plan.generate_batch_size * (prompt + 128) * kv_per_token
+    decode = 256 * step_bytes / (recipe.plan.memory_bandwidth_gbs * 1e9 * recipe.plan.utilisation)
+    prefill = 2 * plan.shape.parameters_b * 1e9 * prompt * 36 / (recipe.plan.peak_tflops * 1e12 * recipe.plan.utilisation)
+    assert plan.generate_seconds == pytest.approx(decode + prefill)
+    fixed = make_plan(load_recipe("llava15-7b", _sets(path, root, "capture.batch_size=16")), [])
+    assert (fixed.capture_batch_size, fixed.batches) == (16, 3)
     flops = 2 * plan.shape.parameters_b * 1e9 * seq * 36
     assert plan.capture_seconds == pytest.approx(flops / (recipe.plan.peak_tflops * 1e12 * recipe.plan.utilisation))
     assert 6.0 < plan.shape.parameters_b < 7.0  # Vicuna-7B's language model
@@ -83,7 +99,7 @@ def test_dry_run_cli_offline_without_weights(detail_23k, monkeypatch: pytest.Mon
     assert result.exit_code == 0, result.output
     assert "352,256 neurons" in result.output
     assert "37 (1 with a missing image file" in result.output
-    assert "3 batches" in result.output
+    assert "1 batches of 166" in result.output and "batch size auto" in result.output
     assert "$" in result.output
     assert not (tmp_path / "run" / "samples.parquet").exists(), "nothing runs"
     missing = CliRunner().invoke(app, ["--recipe", "llava15-7b", "--dry-run", "--out", str(tmp_path / "r2"),

@@ -10,6 +10,7 @@ shard states are merged by the main process into `capture/state.safetensors`.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 from builder.capture.hooks import neuron_hooks
 from builder.capture.inputs import ModelBatch, encode_batch
+from builder.capture.memory import capture_bytes_per_sample, choose_batch_size, shape_of
 from builder.capture.state import BatchPositions, NeuronState, WorkBuffer, read_state_metadata
 from builder.corpus.base import open_image
 from builder.corpus.stage import read_samples
@@ -91,23 +93,25 @@ def capture_shard(ctx: RunContext, shard: Shard, checkpoint: Path) -> NeuronStat
     mlps = vlm.mlps()
     n_samples = len(read_samples(ctx.run_dir.samples))
     mine = shard.indices(n_samples)
-    batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
     device = vlm.device
     top_n, top_m = ctx.recipe.classify.top_n, cfg.top_m
-    done = 0
     for torn in checkpoint.parent.glob(f".{checkpoint.name}.*.tmp"):
         torn.unlink()  # a checkpoint write cut short by a kill (the checkpoint itself is intact)
-    if checkpoint.exists():
-        meta = read_state_metadata(checkpoint)
-        expected = _shard_identity(ctx, shard)
-        if meta.get("identity") == expected:
-            state = NeuronState.load(checkpoint, device=device)
-            done = int(meta["batches_done"])
-            log.info("capture: resuming %s after batch %d of %d", checkpoint.name, done, len(batches))
-        else:
-            state = NeuronState.empty(len(mlps), mlps[0].width, top_n, top_m, device)
+    meta = read_state_metadata(checkpoint) if checkpoint.exists() else {}
+    resuming = meta.get("identity") == _shard_identity(ctx, shard) and "batch_size" in meta
+    if resuming:
+        # The batching of the interrupted run, so that `batches_done` counts the same samples
+        # (an `auto` size chosen now could differ).
+        batch_size = int(meta["batch_size"])
+        state = NeuronState.load(checkpoint, device=device)
+        done = int(meta["batches_done"])
     else:
+        batch_size = capture_batch_size(ctx, cfg.batch_size, mine)
         state = NeuronState.empty(len(mlps), mlps[0].width, top_n, top_m, device)
+        done = 0
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    if resuming:
+        log.info("capture: resuming %s after batch %d of %d", checkpoint.name, done, len(batches))
 
     current: dict[str, BatchPositions] = {}
     work = WorkBuffer()
@@ -118,7 +122,8 @@ def capture_shard(ctx: RunContext, shard: Shard, checkpoint: Path) -> NeuronStat
     def save(n_done: int, complete: bool) -> None:
         state.save(
             checkpoint,
-            {"batches_done": str(n_done), "complete": str(int(complete)), "identity": _shard_identity(ctx, shard)},
+            {"batches_done": str(n_done), "batch_size": str(batch_size), "complete": str(int(complete)),
+             "identity": _shard_identity(ctx, shard)},
         )
 
     loader = torch.utils.data.DataLoader(
@@ -144,9 +149,36 @@ def capture_shard(ctx: RunContext, shard: Shard, checkpoint: Path) -> NeuronStat
 
 
 def _base_forward(model: Any):
-    """The model's forward without the LM head (logits are not needed to record neurons)."""
+    """The model's forward without the LM head (logits are not needed to record neurons) and
+    without a KV cache (nothing is decoded; for a 7B model the cache would hold ~0.5 MB a
+    token)."""
     inner = getattr(model, "model", None)
-    return inner if inner is not None and hasattr(inner, "language_model") else model
+    base = inner if inner is not None and hasattr(inner, "language_model") else model
+    return functools.partial(base, use_cache=False)
+
+
+def capture_batch_size(ctx: RunContext, setting: int | str, indices: list[int]) -> int:
+    """`setting`, or for `auto` what fits the free GPU memory with these samples' longest sequence."""
+    def per_sample() -> int:
+        samples = read_samples(ctx.run_dir.samples)
+        return capture_bytes_per_sample(shape_of(ctx.vlm.model), capture_tokens_bound(ctx, [samples[i] for i in indices]))
+
+    return choose_batch_size(setting, ctx.vlm.device, per_sample).size
+
+
+def capture_tokens_bound(ctx: RunContext, samples: list[Any]) -> int:
+    """The longest sequence a capture batch of these samples can have: the image tokens'
+    bound, the chat template around the prompt, and the longest description in tokens."""
+    from builder.models.layout import image_tokens_bound
+    from builder.text import prompt_prefix
+
+    vlm = ctx.vlm
+    tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
+    texts = read_texts(ctx.run_dir.texts)
+    descriptions = [texts[s.sample_id].text for s in samples if s.sample_id in texts] or [""]
+    longest = max(len(ids) for ids in tokenizer(descriptions, add_special_tokens=False)["input_ids"])
+    template = len(tokenizer(prompt_prefix(vlm.processor, ctx.recipe.text.prompt))["input_ids"])
+    return image_tokens_bound(vlm.model.config) + template + longest
 
 
 def _shard_identity(ctx: RunContext, shard: Shard) -> str:

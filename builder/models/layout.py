@@ -121,3 +121,20 @@ def image_layout(config: Any, image_processor: Any = None) -> ImageLayout:
             "add one in builder/models/layout.py"
         )
     return LAYOUTS[family](config, image_processor)
+
+
+def image_tokens_bound(config: Any) -> int:
+    """The most image tokens one sample can have in the language model's sequence.
+
+    LLaVA-1.5: the fixed grid (`image_seq_length`, 576 at 336 px). LLaVA-NeXT: the base view
+    plus the tiles of its largest `image_grid_pinpoints` resolution, and a newline token
+    closing each row of the tiled grid (an upper bound: the unpadding only removes rows).
+    """
+    side, _ = _grid(config)
+    base = int(getattr(config, "image_seq_length", 0) or side * side)
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    if str(getattr(config, "model_type", "")) != "llava_next" or not pinpoints:
+        return base
+    tile = int(config.vision_config.image_size)
+    rows, cols = max(((h // tile, w // tile) for h, w in pinpoints), key=lambda rc: rc[0] * rc[1])
+    return base + rows * cols * side * side + rows * side

@@ -1,6 +1,7 @@
 """Capture overhead: the bare forward pass against the capturing forward pass, same batches.
 
-Both passes run `model.model` (no LM head: capture never needs logits); the capturing one
+Both passes run `model.model` as the capture stage does (no LM head: capture never needs
+logits; no KV cache); the capturing one
 also has the capture hooks folding every layer's activations into a `NeuronState`, exactly
 as the capture stage does. Each batch is run both ways back to back (alternating which goes
 first), so a shared machine's noise hits both alike. Each corpus size runs in a fresh
@@ -22,8 +23,10 @@ Prints JSON per shape: `overhead_ratio` (capturing time / bare time over all mea
 batches of both sizes), `overhead_ratio_median` (median of the per-batch ratios, robust to
 bursts of load from other processes), `overhead_ratio_cpu` (the same with process CPU
 time), `capture_samples_per_second` (the figure for `plan.capture_samples_per_second`),
-`peak_rss_mb` per corpus size, `rss_growth` (peak RSS of the larger size over the smaller)
-and, on a GPU, `peak_gpu_mb` per run.
+`peak_rss_mb` per corpus size, `rss_growth` (peak RSS of the larger size over the smaller),
+`memory_estimate_over_measured` (the `batch_size: auto` estimate of one batch over its
+measured peak: CUDA allocator on a GPU, torch profiler on a CPU; >= 1 means the estimate
+is safe) and, on a GPU, `peak_gpu_mb` per run.
 """
 
 from __future__ import annotations
@@ -135,7 +138,9 @@ def batches(processor, image_token_id: int, samples: int, batch_size: int):
 def measure(shape: Shape, samples: int, hook: str) -> dict:
     """Time both passes over `samples` samples, after WARMUP batches of each."""
     from builder.capture.hooks import neuron_hooks
-    from builder.capture.stage import to_device
+    from builder.capture.memory import capture_bytes_per_sample, measure_peak_bytes
+    from builder.capture.memory import shape_of as lm_shape
+    from builder.capture.stage import _base_forward, to_device
     from builder.capture.state import BatchPositions, NeuronState, WorkBuffer
     from builder.models.loading import find_decoder_mlps
 
@@ -159,8 +164,10 @@ def measure(shape: Shape, samples: int, hook: str) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - t0, time.process_time() - c0
 
+    forward = _base_forward(model)  # as the capture stage runs it: no LM head, no KV cache
+
     def bare(batch) -> tuple[float, float]:
-        return timed(lambda: model.model(**to_device(batch, device).inputs))
+        return timed(lambda: forward(**to_device(batch, device).inputs))
 
     def capturing(batch) -> tuple[float, float]:
         def run() -> None:
@@ -168,7 +175,7 @@ def measure(shape: Shape, samples: int, hook: str) -> dict:
             current["positions"] = BatchPositions.from_masks(batch.visual_mask, batch.text_mask,
                                                              batch.sample_index, work).to(device)
             with neuron_hooks(mlps, hook, sink):
-                model.model(**to_device(batch, device).inputs)
+                forward(**to_device(batch, device).inputs)
 
         return timed(run)
 
@@ -187,6 +194,10 @@ def measure(shape: Shape, samples: int, hook: str) -> dict:
                 walls[name].append(wall)
                 cpus[name].append(cpu)
             tokens.append(int(batch.inputs["attention_mask"].sum()))
+        # `batch_size: auto`'s estimate against the measured peak of one capturing batch.
+        rows, width = batch.inputs["input_ids"].shape
+        peak_bytes = measure_peak_bytes(lambda: capturing(batch), device)
+        estimate_bytes = rows * capture_bytes_per_sample(lm_shape(model), width)
     image_tokens = (shape.image_size // shape.patch_size) ** 2
     assert int(state.visual_count[0]) == samples * image_tokens, "every image position was recorded"
     bare_s, capture_s = sum(walls["bare"]), sum(walls["capture"])
@@ -201,6 +212,9 @@ def measure(shape: Shape, samples: int, hook: str) -> dict:
         "overhead_ratio_cpu": round(sum(cpus["capture"]) / sum(cpus["bare"]), 4),
         "batch_ratios": [round(c / b, 4) for b, c in zip(walls["bare"], walls["capture"])],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "batch_peak_mb": round(peak_bytes / 2**20, 1),
+        "batch_estimate_mb": round(estimate_bytes / 2**20, 1),
+        "memory_estimate_over_measured": round(estimate_bytes / peak_bytes, 3),
     }
     if device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -236,6 +250,7 @@ def run_shape(name: str, shape: Shape, hook: str, threads: int) -> dict:
         "overhead_ratio_cpu": round(statistics.mean(r["overhead_ratio_cpu"] for r in runs), 4),
         "capture_samples_per_second": large["capture_samples_per_second"],
         "peak_rss_mb": {str(r["samples"]): r["peak_rss_mb"] for r in runs},
+        "memory_estimate_over_measured": large["memory_estimate_over_measured"],
         "rss_growth": round(large["peak_rss_mb"] / small["peak_rss_mb"], 4),
         "runs": runs,
     }

@@ -5,7 +5,8 @@ continues greedily for at most `text.max_new_tokens`, `text.batch_size` images p
 `model.generate` call (left padding, KV cache; `auto`: as many as fit the free GPU
 memory). Special tokens are stripped from the decoded text.
 
-Every finished batch is appended at once to `descriptions.jsonl` in the run directory, one
+Every finished batch is appended at once to `descriptions.jsonl` in the run directory (one
+file per process under `accelerate launch`, each process describing its share), one
 line per sample keyed by (sample_id, image pixel hash, generation key); the key hashes the
 model (id, revision, resolved commit, dtype, built-in seed), the formatted prompt and
 `max_new_tokens`. A killed run therefore loses at most the batch in flight, and a rerun
@@ -136,21 +137,49 @@ def generate_batch_size(vlm: Any, prefix: str, setting: int | str, max_new_token
     return choose_batch_size(setting, vlm.device, per_sample).size
 
 
-def generate_descriptions(ctx: RunContext, samples: list[Sample]) -> list[SampleText]:
-    """The model's description of every sample, generating only those not cached yet."""
+def cache_file(ctx: RunContext) -> Path:
+    """This process's description file: `descriptions.jsonl`, or one per process of a
+    multi-process launch (`descriptions-r-of-W.jsonl`), so that no two processes append to
+    the same file."""
+    procs = ctx.processes
+    if procs.world == 1:
+        return ctx.run_dir.path(DESCRIPTIONS_FILE)
+    return ctx.run_dir.path(f"descriptions-{procs.rank}-of-{procs.world}.jsonl")
+
+
+def read_all_caches(ctx: RunContext, key: str) -> dict[tuple[str, str], Description]:
+    """Descriptions made with `key` in every description file of the run directory (those of
+    earlier launches with another process count too)."""
+    out: dict[tuple[str, str], Description] = {}
+    for path in sorted(ctx.run_dir.root.glob("descriptions*.jsonl")):
+        out.update(read_cache(path, key))
+    return out
+
+
+def generate_descriptions(ctx: RunContext, samples: list[Sample]) -> list[SampleText] | None:
+    """The model's description of every sample, generating only those not cached yet.
+
+    Under a multi-process launch process r describes samples r, r+W, ... into its own file;
+    after a barrier the main process returns every description and the others None.
+    """
     cfg = ctx.recipe.text
     vlm = ctx.vlm
+    procs = ctx.processes
     key = generation_key(ctx)
-    cache_path = ctx.run_dir.path(DESCRIPTIONS_FILE)
+    cache_path = cache_file(ctx)
     end_torn_line(cache_path)
-    cache = read_cache(cache_path, key)
-    pending = [s for s in samples if (s.sample_id, s.image_sha256) not in cache]
-    if len(pending) < len(samples):
-        log.info("text: %d of %d descriptions cached in %s", len(samples) - len(pending), len(samples), cache_path.name)
+    cache = read_all_caches(ctx, key)
+    # The share is fixed by position, not by what is cached: the files may already be
+    # growing under the other processes while this one reads them.
+    mine = samples[procs.rank :: procs.world]
+    pending = [s for s in mine if (s.sample_id, s.image_sha256) not in cache]
+    if len(pending) < len(mine):
+        log.info("text: %d of %d descriptions cached", len(mine) - len(pending), len(mine))
     prefix = prompt_prefix(vlm.processor, cfg.prompt)
     batch_size = generate_batch_size(vlm, prefix, cfg.batch_size, cfg.max_new_tokens) if pending else 1
     with progress() as bar:
-        task = bar.add_task("text: describing images", total=len(samples), completed=len(samples) - len(pending))
+        task = bar.add_task(f"text[{procs.rank}/{procs.world}]: describing images", total=len(mine),
+                            completed=len(mine) - len(pending))
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             images = [open_image(s.image_ref, ctx.recipe.corpus) for s in batch]
@@ -161,6 +190,11 @@ def generate_descriptions(ctx: RunContext, samples: list[Sample]) -> list[Sample
             append_jsonl(cache_path, [d.__dict__ for d in made])  # on disk before the next batch starts
             cache.update({(d.sample_id, d.image_sha256): d for d in made})
             bar.advance(task, len(batch))
+    if procs.world > 1:
+        procs.barrier()  # every share is on disk
+        if not procs.is_main:
+            return None
+        cache = read_all_caches(ctx, key)
     texts = [SampleText(s.sample_id, cache[(s.sample_id, s.image_sha256)].text, "generate") for s in samples]
     empty = sum(1 for t in texts if not t.text)
     if empty:

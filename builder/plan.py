@@ -55,6 +55,11 @@ class BuildPlan:
     explain_input_tokens: int
     explain_output_tokens: int
     explain_dollars: float
+    simulate_neurons: int
+    simulate_requests: int
+    simulate_input_tokens: int
+    simulate_output_tokens: int
+    simulate_dollars: float
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -82,6 +87,14 @@ class BuildPlan:
             f"~{self.explain_input_tokens:,} input + {self.explain_output_tokens:,} output tokens, "
             f"~${self.explain_dollars:,.2f}"
         )
+        if self.simulate_requests:
+            lines.append(
+                f"  simulate    {self.simulate_neurons:,} neurons, {self.simulate_requests:,} requests, "
+                f"~{self.simulate_input_tokens:,} input + {self.simulate_output_tokens:,} output tokens, "
+                f"~${self.simulate_dollars:,.2f}"
+            )
+        else:
+            lines.append("  simulate    no LLM requests (the simulators in use run locally)")
         for p in self.problems:
             lines.append(f"  PROBLEM     {p}")
         return "\n".join(lines)
@@ -194,7 +207,10 @@ def make_plan(recipe: Recipe, stages: list[str]) -> BuildPlan:
         decode_s = steps * bytes_per_step / (p.memory_bandwidth_gbs * 1e9 * p.utilisation)
         prefill_s = 2 * shape.parameters_b * 1e9 * prompt * usable / (p.peak_tflops * 1e12 * p.utilisation)
         generate_s = decode_s + prefill_s
+    from builder.simulate.plan import estimate_simulate_cost
+
     explain = explain_estimate(recipe, shape)
+    simulate = estimate_simulate_cost(recipe, shape.layers)
     return BuildPlan(
         recipe=recipe.recipe.name,
         model_id=recipe.model.id,
@@ -212,6 +228,7 @@ def make_plan(recipe: Recipe, stages: list[str]) -> BuildPlan:
         time_source=time_source,
         problems=problems,
         **explain,
+        **simulate,
     )
 
 

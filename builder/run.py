@@ -297,6 +297,15 @@ class Executor:
                             procs.barrier()
                 record = self._run_stage(stage, fingerprint)
                 outcomes.append(StageOutcome(stage.name, True, record.seconds, record.counts))
+                if everywhere and procs.world > 1:
+                    # The main process has written the stage's outputs and recorded them: the
+                    # next stage may read them, and every process continues from the same record
+                    # (so all agree on what is up to date after it).
+                    procs.barrier()
+                    if not procs.is_main:
+                        self.manifest = Manifest.load(self.run_dir.manifest_path)
+                        self.ctx.manifest = self.manifest
+                        record = self.manifest.stages[stage.name]
             upstream = stable_hash([upstream, record.fingerprint, record.output_digest])
         return outcomes
 

@@ -67,6 +67,8 @@ class TextStage:
     name = "text"
     version = "1"
     sections = ("text", "model")
+    distributed = True
+    """Under a multi-process launch every process generates its share of the descriptions."""
 
     def source_fingerprint(self, ctx: RunContext) -> str:
         return ""
@@ -80,11 +82,16 @@ class TextStage:
         samples = read_samples(ctx.run_dir.samples)
         cfg = ctx.recipe.text
         if cfg.source == "caption":
+            if not ctx.processes.is_main:
+                return {}
             texts = [SampleText(s.sample_id, s.caption, "caption") for s in samples]
         else:
             from builder.generate import generate_descriptions
 
-            texts = generate_descriptions(ctx, samples)
+            generated = generate_descriptions(ctx, samples)
+            if generated is None:  # not the main process: its share is in its description file
+                return {}
+            texts = generated
         write_parquet(ctx.run_dir.texts, pa.Table.from_pylist([t.__dict__ for t in texts], schema=TEXTS_SCHEMA))
         return {
             "texts": len(texts),

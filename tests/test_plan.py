@@ -69,6 +69,16 @@ def test_plan_numbers_trace_to_the_recipe(detail_23k) -> None:
     # The explainer's upper bound: every (layer, category) quota filled, priced at GPT-4o's rates.
     assert plan.explain_neurons == 32 * len(recipe.exemplars.categories) * recipe.exemplars.per_category
     assert plan.explain_dollars > 0
+    # The simulators' LLM requests (phrases for grounding, per-sample text predictions), from
+    # the simulate stage's own estimate; none when every simulator runs locally.
+    from builder.simulate.plan import estimate_simulate_cost
+
+    expected = estimate_simulate_cost(recipe, 32)
+    assert (plan.simulate_requests, plan.simulate_dollars) == (expected["simulate_requests"],
+                                                               expected["simulate_dollars"])
+    assert plan.simulate_requests > plan.explain_requests and plan.simulate_dollars > 0
+    offline = make_plan(load_recipe("llava15-7b", _sets(path, root, "simulate.backend=offline")), [])
+    assert offline.simulate_requests == 0 and "no LLM requests" in offline.render()
     # A measured throughput replaces the roofline estimate.
     measured = make_plan(load_recipe("llava15-7b", _sets(path, root, "plan.capture_samples_per_second=12")), [])
     assert measured.capture_seconds == pytest.approx(36 / 12)
@@ -100,7 +110,7 @@ def test_dry_run_cli_offline_without_weights(detail_23k, monkeypatch: pytest.Mon
     assert "352,256 neurons" in result.output
     assert "37 (1 with a missing image file" in result.output
     assert "1 batches of 166" in result.output and "batch size auto" in result.output
-    assert "$" in result.output
+    assert "$" in result.output and "simulate    960 neurons" in result.output
     assert not (tmp_path / "run" / "samples.parquet").exists(), "nothing runs"
     missing = CliRunner().invoke(app, ["--recipe", "llava15-7b", "--dry-run", "--out", str(tmp_path / "r2"),
                                        "--set", f"corpus.path={tmp_path / 'absent.json'}"])

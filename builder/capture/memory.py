@@ -102,3 +102,28 @@ def shape_of(model: Any) -> LanguageModelShape:
     text = getattr(config, "text_config", config)
     bytes_per_value = next(model.parameters()).element_size()
     return LanguageModelShape(text.num_hidden_layers, text.hidden_size, text.intermediate_size, bytes_per_value)
+
+
+def measure_peak_bytes(run: Callable[[], object], device: Any) -> int:
+    """Peak bytes allocated above what was live when `run()` started: the CUDA allocator's
+    peak on a GPU, else the running sum of the CPU allocations the torch profiler records.
+    How `benchmarks/capture.py` and the tests check the estimates above."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak

@@ -142,6 +142,29 @@ def test_two_process_accelerate_launch_equals_one_process(tmp_path: Path) -> Non
     assert json.loads((two / "manifest.json").read_text())["stages"] == before
 
 
+@pytest.mark.slow
+def test_two_process_generation_shares_the_images_out(tmp_path: Path) -> None:
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate CLI not on PATH")
+    # One image per generate call: greedy decoding is then identical whichever process runs it.
+    args = ["--set", "corpus.size=24", "--set", "text.source=generate", "--set", "text.max_new_tokens=6",
+            "--set", "text.batch_size=1", "--until", "capture"]
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, "-m", "builder", "--recipe", "tiny", "--out", str(one), *args],
+                   check=True, capture_output=True, timeout=600)
+    two = tmp_path / "two"
+    result = _launch_two(two, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shares = [len((two / f"descriptions-{r}-of-2.jsonl").read_text().splitlines()) for r in (0, 1)]
+    assert shares == [12, 12] and not (two / "descriptions.jsonl").exists()
+    assert pq.read_table(two / "texts.parquet").equals(pq.read_table(one / "texts.parquet"))
+    # A later single-process run finds every description in the two files and generates none.
+    rerun = subprocess.run([sys.executable, "-m", "builder", "--recipe", "tiny", "--out", str(two), *args,
+                            "--force", "text", "-v"], capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "24 of 24 descriptions cached" in rerun.stderr and not (two / "descriptions.jsonl").exists()
+
+
 def test_processes_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")

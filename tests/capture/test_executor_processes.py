@@ -27,8 +27,10 @@ class RecordingStage:
     version = "1"
     sections = ()
 
-    def __init__(self, name: str, runs: list[tuple[str, int]], content: str, distributed: bool = False):
+    def __init__(self, name: str, runs: list[tuple[str, int]], content: str, distributed: bool = False,
+                 before: str = "text"):
         self.name = name
+        self.before = before
         self.runs = runs
         self.content = content
         self.distributed = distributed
@@ -45,15 +47,16 @@ class RecordingStage:
     def run(self, ctx: RunContext) -> dict[str, int]:
         self.runs.append((self.name, ctx.processes.rank))
         if self.distributed:
-            # Every process starts its shard after the main process ran the stages before.
-            assert ctx.run_dir.path("text.out").read_text() == self.content
+            # Every process starts its shard after the main process wrote the stage before's output.
+            assert ctx.run_dir.path(f"{self.before}.out").read_text() == self.content
             ctx.processes.barrier()  # as capture does before the main process merges
         if ctx.processes.is_main:
             ctx.run_dir.path(f"{self.name}.out").write_text(self.content)
         return {"rank": ctx.processes.rank}
 
 
-def _launch(tmp_path: Path, until: str | None = None, force: tuple[str, ...] = (), content: str = "v1"):
+def _launch(tmp_path: Path, until: str | None = None, force: tuple[str, ...] = (), content: str = "v1",
+            distributed_text: bool = False):
     """Run the executor as two 'processes' (threads); the stages each one ran, sorted."""
     runs: list[tuple[str, int]] = []
     gate = threading.Barrier(2)
@@ -61,7 +64,8 @@ def _launch(tmp_path: Path, until: str | None = None, force: tuple[str, ...] = (
 
     def process(rank: int) -> None:
         try:
-            stages = [RecordingStage("corpus", runs, content), RecordingStage("text", runs, content),
+            stages = [RecordingStage("corpus", runs, content),
+                      RecordingStage("text", runs, content, distributed=distributed_text, before="corpus"),
                       RecordingStage("capture", runs, content, distributed=True),
                       RecordingStage("classify", runs, content)]
             ex = Executor(load_recipe("tiny"), tmp_path, stages)
@@ -119,3 +123,15 @@ def test_single_process_needs_no_barrier(tmp_path: Path) -> None:
     assert ex.processes == Processes(0, 1)
     ex.run()
     assert runs == [("corpus", 0), ("text", 0), ("capture", 0)]
+
+
+def test_consecutive_shared_stages_each_start_from_the_main_process_outputs(tmp_path: Path) -> None:
+    # text and capture both run on every process (generation shares out its images): capture
+    # must start only once the main process has written text's output and recorded it.
+    runs = _launch(tmp_path, distributed_text=True)
+    assert runs == [("capture", 0), ("capture", 1), ("classify", 0), ("corpus", 0), ("text", 0), ("text", 1)]
+    assert _launch(tmp_path, distributed_text=True) == []
+    runs = _launch(tmp_path, force=("corpus",), content="v2", distributed_text=True)
+    assert runs == [("capture", 0), ("capture", 1), ("classify", 0), ("corpus", 0), ("reset capture", 0),
+                    ("reset classify", 0), ("reset corpus", 0), ("reset text", 0), ("text", 0), ("text", 1)]
+    assert (tmp_path / "classify.out").read_text() == "v2"

@@ -91,6 +91,34 @@ def test_image_token_bound_covers_llava_next() -> None:
     assert max(counts) <= bound and len(set(counts)) > 1, (counts, bound)
 
 
+def test_the_capture_estimate_bounds_a_measured_forward_pass(tiny_vlm) -> None:
+    """Peak memory of a hooked capture forward (CPU profiler), per extra sample in the batch,
+    against the estimate for the same sequence length: an upper bound, not a wild one."""
+    from builder.capture.hooks import neuron_hooks
+    from builder.capture.inputs import encode_batch
+    from builder.capture.memory import measure_peak_bytes, shape_of
+    from builder.capture.stage import _base_forward
+    from builder.capture.state import BatchPositions, WorkBuffer
+
+    mlps = tiny_vlm.mlps()
+    state = NeuronState.empty(len(mlps), mlps[0].width, 50, 8, "cpu")
+
+    def peak(batch_size: int) -> tuple[int, int]:
+        images = [Image.new("RGB", (48, 48), (20 * i, 0, 0)) for i in range(batch_size)]
+        batch = encode_batch(tiny_vlm.processor, images, [" ".join(["red"] * 120)] * batch_size, "Describe.",
+                             tiny_vlm.image_token_id, list(range(batch_size)), padding_side="right")
+        positions = BatchPositions.from_masks(batch.visual_mask, batch.text_mask, batch.sample_index, WorkBuffer())
+        forward = _base_forward(tiny_vlm.model)
+        with torch.inference_mode(), neuron_hooks(mlps, "act_fn", lambda l, a: state.update_layer(l, a, positions)):
+            return measure_peak_bytes(lambda: forward(**batch.inputs), "cpu"), batch.inputs["input_ids"].shape[1]
+
+    (one, tokens), (eight, _) = peak(1), peak(8)
+    measured = (eight - one) / 7
+    estimate = capture_bytes_per_sample(shape_of(tiny_vlm.model), tokens)
+    assert measured > 0
+    assert 1.0 <= estimate / measured <= 4.0, (estimate, measured)
+
+
 def test_capture_forward_builds_no_kv_cache(tiny_vlm) -> None:
     from builder.capture.inputs import encode_batch
     from builder.capture.stage import _base_forward

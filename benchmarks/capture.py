@@ -194,12 +194,12 @@ def measure(shape: Shape, samples: int, hook: str) -> dict:
                 walls[name].append(wall)
                 cpus[name].append(cpu)
             tokens.append(int(batch.inputs["attention_mask"].sum()))
-        # `batch_size: auto`'s estimate against the measured peak of one capturing batch.
+        image_tokens = (shape.image_size // shape.patch_size) ** 2
+        assert int(state.visual_count[0]) == samples * image_tokens, "every image position was recorded"
+        # `batch_size: auto`'s estimate against the measured peak of one more capturing batch.
         rows, width = batch.inputs["input_ids"].shape
         peak_bytes = measure_peak_bytes(lambda: capturing(batch), device)
         estimate_bytes = rows * capture_bytes_per_sample(lm_shape(model), width)
-    image_tokens = (shape.image_size // shape.patch_size) ** 2
-    assert int(state.visual_count[0]) == samples * image_tokens, "every image position was recorded"
     bare_s, capture_s = sum(walls["bare"]), sum(walls["capture"])
     out = {
         "samples": samples,

@@ -112,17 +112,22 @@ def _launch_two(out: Path, *extra: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
-def test_two_process_accelerate_launch_equals_one_process(tmp_path: Path) -> None:
+def _one_and_two_processes(tmp_path: Path, args: list[str]) -> tuple[Path, Path]:
+    """The tiny build with `args` in one process (`one/`) and in a 2-process launch (`two/`)."""
     if shutil.which("accelerate") is None:
         pytest.skip("accelerate CLI not on PATH")
-    args = ["--set", "capture.batch_size=1", "--until", "classify"]  # bit-identical per-sample activations
-    one = tmp_path / "one"
+    one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "builder", "--recipe", "tiny", "--out", str(one), *args],
                    check=True, capture_output=True, timeout=600)
-    two = tmp_path / "two"
     result = _launch_two(two, *args)
     assert result.returncode == 0, result.stderr[-3000:]
+    return one, two
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_equals_one_process(tmp_path: Path) -> None:
+    args = ["--set", "capture.batch_size=1", "--until", "classify"]  # bit-identical per-sample activations
+    one, two = _one_and_two_processes(tmp_path, args)
     assert sorted(p.name for p in (two / "capture").glob("shard-*")) == ["shard-000-of-002.safetensors",
                                                                           "shard-001-of-002.safetensors"]
     assert read_state_metadata(two / "capture" / STATE_FILE)["shards"] == "2"
@@ -144,17 +149,10 @@ def test_two_process_accelerate_launch_equals_one_process(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_two_process_generation_shares_the_images_out(tmp_path: Path) -> None:
-    if shutil.which("accelerate") is None:
-        pytest.skip("accelerate CLI not on PATH")
     # One image per generate call: greedy decoding is then identical whichever process runs it.
     args = ["--set", "corpus.size=24", "--set", "text.source=generate", "--set", "text.max_new_tokens=6",
             "--set", "text.batch_size=1", "--until", "capture"]
-    one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "builder", "--recipe", "tiny", "--out", str(one), *args],
-                   check=True, capture_output=True, timeout=600)
-    two = tmp_path / "two"
-    result = _launch_two(two, *args)
-    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _one_and_two_processes(tmp_path, args)
     shares = [len((two / f"descriptions-{r}-of-2.jsonl").read_text().splitlines()) for r in (0, 1)]
     assert shares == [12, 12] and not (two / "descriptions.jsonl").exists()
     assert pq.read_table(two / "texts.parquet").equals(pq.read_table(one / "texts.parquet"))

@@ -3,12 +3,12 @@ the fake OpenAI server, and a helper that runs the explain stage on a copy of th
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.explain import fake_openai
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,15 +31,6 @@ FAST_OPENAI = [
 """The openai backend with timeouts and backoffs short enough for tests."""
 
 
-def _load_fake():
-    spec = importlib.util.spec_from_file_location("explain_tests_fake_openai", HERE / "fake_openai.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses need the module registered
-    spec.loader.exec_module(module)
-    return module
-
-
-fake_openai = _load_fake()
 
 
 @pytest.fixture

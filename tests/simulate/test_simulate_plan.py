@@ -4,18 +4,17 @@ zero when nothing asks an LLM, and the request count the stage really makes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.explain import fake_openai
 from builder.config import load_recipe
 from builder.explain.parse import MAX_CHARS
 from builder.llm.limits import MESSAGE_OVERHEAD, REPLY_PRIMING
@@ -102,13 +101,6 @@ def test_unpriced_model_counts_tokens_not_dollars():
 
 # -- against the stage ----------------------------------------------------------------------
 
-def _fake_openai_module():
-    path = Path(__file__).resolve().parents[1] / "explain" / "fake_openai.py"
-    spec = importlib.util.spec_from_file_location("simulate_plan_tests_fake_openai", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_request_count_is_what_the_stage_asks(simulated_run: Path, tmp_path: Path, monkeypatch):
@@ -140,7 +132,7 @@ def test_request_count_is_what_the_stage_asks(simulated_run: Path, tmp_path: Pat
         return await complete(self, request)
 
     monkeypatch.setattr(CachedClient, "complete", counting)
-    fake = _fake_openai_module()
+    fake = fake_openai
     overrides = ["simulate.backend=openai", "simulate.visual=offline", "explain.max_attempts=1"]
     def zeros(body: dict) -> str:  # a valid answer: one 0 per numbered token
         n = len(re.findall(r"(?m)^\d+\t", body["messages"][-1]["content"]))

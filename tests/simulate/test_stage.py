@@ -5,17 +5,16 @@ layer against a local OpenAI-compatible server, typed failures, and `grounded` e
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests.explain import fake_openai
 from builder.simulate.stage import CHECKPOINT, LEDGER_FILE, SCORES_FILE, SCORES_SCHEMA, SimulateStage
 from builder.simulate.text import TEXT_SYSTEM
 from builder.simulate.words import content_words, matches, token_text
@@ -24,14 +23,6 @@ FAST_OPENAI = ["simulate.backend=openai", "explain.timeout_seconds=2", "explain.
                "explain.retry_max_seconds=0.05", "explain.max_attempts=2", "explain.max_concurrency=4"]
 
 
-def _fake_openai_module():
-    """The explain tests' scripted OpenAI-compatible server (one implementation for both)."""
-    path = Path(__file__).resolve().parents[1] / "explain" / "fake_openai.py"
-    spec = importlib.util.spec_from_file_location("simulate_tests_fake_openai", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _copy(run: Path, dest: Path) -> Path:
@@ -177,7 +168,7 @@ def _pick_others(run: Path) -> None:
 
 
 def test_llm_simulators_through_the_call_layer(simulated_run: Path, tmp_path: Path, monkeypatch):
-    fake = _fake_openai_module()
+    fake = fake_openai
     run = _copy(simulated_run, tmp_path / "run")
     _pick_others(run)
     _keep_explanations(run, _small)
@@ -220,7 +211,7 @@ def test_the_simulate_budget_stops_sending(simulated_run: Path, tmp_path: Path, 
     with pytest.raises(RecipeError, match=r"explain.prices has no entry for the simulator model 'my-model'"):
         _simulate(run, "simulate.backend=openai", "simulate.model=my-model", "simulate.budget_usd=1")
     _keep_explanations(run, lambda r: r["category"] == "text" and r["layer"] == 0)
-    fake = _fake_openai_module()
+    fake = fake_openai
     with fake.FakeOpenAI(answer=_token_match_llm) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
         monkeypatch.setenv("OPENAI_API_KEY", "test-key")
@@ -231,7 +222,7 @@ def test_the_simulate_budget_stops_sending(simulated_run: Path, tmp_path: Path, 
 
 
 def test_unparsable_and_refused_answers_are_typed_failures(simulated_run: Path, tmp_path: Path, monkeypatch):
-    fake = _fake_openai_module()
+    fake = fake_openai
     run = _copy(simulated_run, tmp_path / "run")
     _keep_explanations(run, lambda r: r["category"] == "text")
     explanations = _rows(run, "explanations.parquet")

@@ -156,8 +156,7 @@ def count_samples(recipe: Recipe) -> tuple[int, int]:
         if recipe.corpus.limit is not None and total - missing >= recipe.corpus.limit:
             break
         total += 1
-        ref = raw.image_ref
-        if ref and os.sep in ref and ":" not in ref.split(os.sep)[0] and not os.path.exists(ref):
+        if raw.image_file is not None and not os.path.exists(raw.image_file):
             missing += 1
     return total, missing
 

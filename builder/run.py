@@ -170,12 +170,13 @@ class RunContext:
 
     @cached_property
     def vlm(self) -> Any:
-        """The loaded model and processor, shared by every stage that needs them."""
+        """The loaded model and processor, shared by every stage that needs them. Its
+        provenance (resolved commit, shape) goes into the manifest, which the executor
+        saves with the record of the stage that loaded it."""
         from builder.models.loading import load_vlm
 
         loaded = load_vlm(self.recipe.model)
         self.manifest.model.update(loaded.provenance())
-        self.save_manifest()
         return loaded
 
 

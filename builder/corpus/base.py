@@ -50,6 +50,9 @@ class RawSample:
     persist: bool = False
     """The source cannot be reopened later (a stream): the stage stores the image's bytes
     under the run directory and the sample's `image_ref` points at that file."""
+    image_file: str | None = None
+    """The local file the image is read from, when it is one: `--dry-run` counts missing
+    files without decoding anything."""
 
 
 @dataclass(frozen=True)

@@ -49,4 +49,4 @@ class FolderReader:
                 continue
             path = (self.root / rel).resolve()
             # The path, not the bytes: the size is checked from the header before decoding.
-            yield RawSample(rel, str(path), captions, lambda path=path: path, str(path))
+            yield RawSample(rel, str(path), captions, lambda path=path: path, str(path), image_file=str(path))

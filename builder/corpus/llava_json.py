@@ -90,4 +90,5 @@ class LlavaJsonReader:
                 if isinstance(t, dict) and t.get("from") in ASSISTANT_ROLES
             ]
             path = (self.root / rel).resolve()
-            yield RawSample(source_id, str(path), captions, lambda path=path: path, f"{source} {path}")
+            yield RawSample(source_id, str(path), captions, lambda path=path: path, f"{source} {path}",
+                            image_file=str(path))

@@ -223,8 +223,8 @@ def record_activations(
     kept: dict[int, torch.Tensor] = {}
 
     def sink(layer: int, activations: torch.Tensor) -> None:
-        if layer in col_tensor:
-            kept[layer] = activations.index_select(-1, col_tensor[layer]).float().cpu()
+        if layer in col_tensor:  # stays on the device: one copy to the host per batch, not per layer
+            kept[layer] = activations.index_select(-1, col_tensor[layer]).float()
 
     out: dict[int, SampleActivations] = {}
     forward = _base_forward(vlm.model)
@@ -234,6 +234,10 @@ def record_activations(
             batch = to_device(encoded, vlm.device)
             kept.clear()
             forward(**batch.inputs)
+            layers = sorted(kept)
+            on_host = torch.cat([kept[layer] for layer in layers], dim=-1).cpu().split(
+                [kept[layer].shape[-1] for layer in layers], dim=-1)
+            kept.update(zip(layers, on_host))
             ids = batch.inputs["input_ids"].cpu()
             visual, text = batch.visual_mask.cpu(), batch.text_mask.cpu()
             for b, sample in enumerate(batch.sample_index.tolist()):

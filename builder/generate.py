@@ -95,8 +95,10 @@ def end_torn_line(path: Path) -> None:
                 fh.write(b"\n")
 
 
-def describe_batch(vlm: Any, images: list[Image.Image], prefix: str, max_new_tokens: int) -> list[tuple[str, int, bool]]:
-    """Greedy descriptions of a batch of images: (text, new tokens, ended its turn) per image."""
+def describe_batch(vlm: Any, images: list[Image.Image], prefix: str, max_new_tokens: int,
+                   min_new_tokens: int = 0) -> list[tuple[str, int, bool]]:
+    """Greedy descriptions of a batch of images: (text, new tokens, ended its turn) per image.
+    `min_new_tokens` holds off the end of turn (benchmarks: a fixed length on random weights)."""
     import torch
 
     processor, model = vlm.processor, vlm.model
@@ -110,7 +112,8 @@ def describe_batch(vlm: Any, images: list[Image.Image], prefix: str, max_new_tok
     pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
     with torch.inference_mode():
         out = model.generate(
-            **enc, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=pad
+            **enc, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, use_cache=True,
+            pad_token_id=pad,
         )
     new = out[:, enc["input_ids"].shape[1] :].cpu()
     eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id

@@ -80,6 +80,8 @@ class BuildPlan:
         if self.generate_tokens:
             lines.append(f"  generate    ~{self.generate_tokens:,} new tokens in batches of {self.generate_batch_size}; "
                          f"~{_hours(self.generate_seconds)} GPU")
+        lines.append(f"  GPU total   ~{_hours(self.capture_seconds + self.generate_seconds)} on one GPU, about 1/N of it "
+                     "on N (generation and capture; the exemplar pass and the simulators' detectors come on top)")
         lines.append(f"  batches     {self.batch_note}")
         lines.append(f"  time from   {self.time_source}")
         lines.append(
@@ -180,7 +182,7 @@ def make_plan(recipe: Recipe, stages: list[str]) -> BuildPlan:
     batches = math.ceil(usable / capture_batch) if usable else 0
     if p.capture_samples_per_second:
         capture_s = usable / p.capture_samples_per_second
-        time_source = "measured throughputs (plan.* keys, from benchmarks/capture.py)"
+        time_source = "measured throughputs (plan.* keys, from benchmarks/capture.py and benchmarks/generate.py)"
     else:
         # Roofline: 2 FLOPs per parameter per token at a stated fraction of peak.
         flops = 2 * shape.parameters_b * 1e9 * seq * usable

@@ -23,6 +23,7 @@ Output `exemplars.parquet`: one row per (neuron, rank), the `exemplars` config's
 from __future__ import annotations
 
 import io
+import json
 import logging
 import random
 from collections import defaultdict
@@ -189,17 +190,64 @@ def token_strings(tokenizer: Any, ids: list[int], window: int = 4) -> list[str]:
     return out
 
 
+PASS_DIR = "exemplars-pass"
+"""Work folder of the exemplar pass: one parquet file per finished batch, removed when the
+stage has written its output."""
+PASS_SCHEMA = pa.schema([
+    ("sample", pa.int64()), ("tokens", pa.list_(pa.string())), ("layer", pa.int32()), ("neuron", pa.int32()),
+    ("heatmap", pa.list_(pa.list_(pa.float32()))), ("token_activations", pa.list_(pa.float32())),
+])
+
+
+def _pass_identity(ctx: RunContext, wanted: dict[int, set[NeuronKey]]) -> str:
+    """What a finished batch of the pass depends on: the samples and neurons asked for, the
+    capture state (the 0-10 scale), the model and the hook point."""
+    from builder.capture.stage import STATE_FILE
+    from builder.io import file_digest, stable_hash
+
+    return stable_hash([
+        sorted((sample, sorted(keys)) for sample, keys in wanted.items()),
+        file_digest(ctx.run_dir.capture_dir / STATE_FILE),
+        ctx.recipe.section_dict("model"),
+        ctx.recipe.capture.hook,
+    ])
+
+
+def _batch_table(recorded: dict[int, SampleActivations]) -> pa.Table:
+    rows = [
+        {"sample": sample, "tokens": rec.tokens, "layer": key[0], "neuron": key[1],
+         "heatmap": rec.heatmaps[key].tolist(), "token_activations": rec.token_activations[key].tolist()}
+        for sample, rec in recorded.items() for key in rec.heatmaps
+    ]
+    return pa.Table.from_pylist(rows, schema=PASS_SCHEMA)
+
+
+def _read_batch(path: Path) -> dict[int, SampleActivations]:
+    out: dict[int, SampleActivations] = {}
+    for row in pq.read_table(path).to_pylist():
+        rec = out.setdefault(row["sample"], SampleActivations(row["tokens"], {}, {}))
+        key = (row["layer"], row["neuron"])
+        rec.heatmaps[key] = np.asarray(row["heatmap"], dtype=np.float32)
+        rec.token_activations[key] = np.asarray(row["token_activations"], dtype=np.float32)
+    return out
+
+
 def record_activations(
     ctx: RunContext, wanted: dict[int, set[NeuronKey]], batch_size: int | None = None
 ) -> dict[int, SampleActivations]:
     """Forward the samples in `wanted` (sample index -> neurons) and record their neurons.
 
     All layers are hooked once per batch; each layer keeps only the columns of its wanted
-    neurons. Reuses capture's inputs (`BatchEncoder`, the same masks) and hooks.
+    neurons. Reuses capture's inputs (`BatchEncoder`, the same masks) and hooks. Every
+    finished batch is saved in `PASS_DIR` at once, so a killed pass resumes after its last
+    finished batch (with that run's batch size) instead of starting over.
     """
+    import shutil
+
     from builder.capture.hooks import neuron_hooks
     from builder.capture.stage import BatchEncoder, _base_forward, capture_batch_size, to_device
     from builder.classify import normalise
+    from builder.io import write_json, write_parquet
     from builder.models.layout import image_layout
 
     vlm = ctx.vlm
@@ -214,10 +262,28 @@ def record_activations(
     col_index = {layer: {n: i for i, n in enumerate(ns)} for layer, ns in columns.items()}
     col_tensor = {layer: torch.tensor(ns, device=vlm.device) for layer, ns in columns.items()}
     order = sorted(wanted)
-    size = batch_size or capture_batch_size(ctx, ctx.recipe.capture.batch_size, order)
+
+    work = ctx.run_dir.path(PASS_DIR)
+    identity = _pass_identity(ctx, wanted)
+    marker = work / "identity.json"
+    saved = json.loads(marker.read_text()) if marker.exists() else {}
+    if saved.get("identity") == identity:
+        size = int(saved["batch_size"])  # the interrupted run's batching, whatever `auto` says now
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        size = batch_size or capture_batch_size(ctx, ctx.recipe.capture.batch_size, order)
+        write_json(marker, {"identity": identity, "batch_size": size})
     batches = [order[i : i + size] for i in range(0, len(order), size)]
+    done = {i for i in range(len(batches)) if (work / f"batch-{i:05d}.parquet").exists()}
+    out: dict[int, SampleActivations] = {}
+    for i in sorted(done):
+        out.update(_read_batch(work / f"batch-{i:05d}.parquet"))
+    if done:
+        log.info("exemplars: resuming the pass after %d of %d batches", len(done), len(batches))
+    pending = [i for i in range(len(batches)) if i not in done]
     # Images decoded and tokenised ahead of the model by capture's workers (capture.num_workers).
-    loader = torch.utils.data.DataLoader(BatchEncoder(ctx, batches), batch_size=None,
+    loader = torch.utils.data.DataLoader(BatchEncoder(ctx, [batches[i] for i in pending]), batch_size=None,
                                          num_workers=ctx.recipe.capture.num_workers)
     tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
     kept: dict[int, torch.Tensor] = {}
@@ -226,11 +292,11 @@ def record_activations(
         if layer in col_tensor:  # stays on the device: one copy to the host per batch, not per layer
             kept[layer] = activations.index_select(-1, col_tensor[layer]).float()
 
-    out: dict[int, SampleActivations] = {}
     forward = _base_forward(vlm.model)
     with progress() as bar, neuron_hooks(mlps, ctx.recipe.capture.hook, sink), torch.inference_mode():
-        task = bar.add_task("exemplars: forward", total=len(order))
-        for encoded in loader:
+        task = bar.add_task("exemplars: forward", total=len(order),
+                            completed=sum(len(batches[i]) for i in done))
+        for i, encoded in zip(pending, loader, strict=True):
             batch = to_device(encoded, vlm.device)
             kept.clear()
             forward(**batch.inputs)
@@ -240,6 +306,7 @@ def record_activations(
             kept.update(zip(layers, on_host))
             ids = batch.inputs["input_ids"].cpu()
             visual, text = batch.visual_mask.cpu(), batch.text_mask.cpu()
+            recorded: dict[int, SampleActivations] = {}
             for b, sample in enumerate(batch.sample_index.tolist()):
                 tokens = token_strings(tokenizer, ids[b][text[b]].tolist())
                 rec = SampleActivations(tokens, {}, {})
@@ -248,7 +315,9 @@ def record_activations(
                     values = normalise(kept[layer][b, :, k], maxima[layer, n])  # [T]
                     rec.heatmaps[(layer, n)] = layout.heatmap(values[visual[b]]).numpy().astype(np.float32)
                     rec.token_activations[(layer, n)] = values[text[b]].numpy().astype(np.float32)
-                out[sample] = rec
+                recorded[sample] = rec
+            write_parquet(work / f"batch-{i:05d}.parquet", _batch_table(recorded))
+            out.update(recorded)
             bar.advance(task, len(visual))
     return out
 
@@ -338,6 +407,11 @@ class ExemplarsStage:
     def outputs(self, ctx: RunContext) -> list[Path]:
         return [ctx.run_dir.path(EXEMPLARS_FILE)]
 
+    def reset(self, ctx: RunContext) -> None:
+        import shutil
+
+        shutil.rmtree(ctx.run_dir.path(PASS_DIR), ignore_errors=True)
+
     def run(self, ctx: RunContext) -> dict[str, int]:
         from builder.corpus.base import open_image
         from builder.corpus.stage import read_samples
@@ -394,6 +468,7 @@ class ExemplarsStage:
                     bar.advance(task)
         rows.sort(key=lambda r: (r["layer"], r["neuron"], r["rank"]))
         write_parquet(ctx.run_dir.path(EXEMPLARS_FILE), pa.Table.from_pylist(rows, schema=EXEMPLARS_SCHEMA))
+        self.reset(ctx)  # the pass's batches are in the output now
         counts["shown"] = sum(1 for r in rows if r["role"] == "shown")
         counts["held_out"] = sum(1 for r in rows if r["role"] == "held_out")
         return counts

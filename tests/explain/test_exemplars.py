@@ -228,3 +228,41 @@ def test_png_roundtrip_is_lossless():
     image = modulate(view, np.full((2, 2), 7.0, dtype=np.float32), "nearest")
     decoded = Image.open(io.BytesIO(encode_image(image, "png")))
     assert np.array_equal(np.asarray(decoded), np.asarray(image))
+
+
+def test_a_killed_exemplar_pass_resumes_after_its_last_batch(run_copy, ctx_for, monkeypatch):
+    """Kill the pass during its third batch: the rerun forwards only the batches left, with
+    the first run's batch size, and writes the exemplars an uninterrupted pass writes."""
+    from builder.capture import stage as capture_stage
+    from builder.exemplars import EXEMPLARS_FILE, PASS_DIR, ExemplarsStage
+
+    reference = pq.read_table(run_copy / EXEMPLARS_FILE)
+    forwards = []
+    real_forward = capture_stage._base_forward
+
+    def counting_forward(model):
+        inner = real_forward(model)
+
+        def forward(**inputs):
+            forwards.append(inputs["input_ids"].shape[0])
+            if die_at is not None and len(forwards) == die_at:
+                raise KeyboardInterrupt
+            return inner(**inputs)
+
+        return forward
+
+    monkeypatch.setattr(capture_stage, "_base_forward", counting_forward)
+    die_at = 3
+    with pytest.raises(KeyboardInterrupt):
+        ExemplarsStage().run(ctx_for(run_copy, ["exemplars.batch_size=2"]))
+    assert sorted(p.name for p in (run_copy / PASS_DIR).glob("batch-*")) == ["batch-00000.parquet",
+                                                                              "batch-00001.parquet"]
+    total = len({r["sample_id"] for r in reference.to_pylist()})
+    forwards.clear()
+    die_at = None
+    # The rerun asks for batches of 5; the pass keeps the interrupted run's 2.
+    counts = ExemplarsStage().run(ctx_for(run_copy, ["exemplars.batch_size=5"]))
+    assert sum(forwards) == total - 4 and max(forwards) <= 2
+    assert pq.read_table(run_copy / EXEMPLARS_FILE).equals(reference)
+    assert counts["exemplars"] == reference.num_rows
+    assert not (run_copy / PASS_DIR).exists()  # the work folder goes once the output is written

@@ -413,7 +413,8 @@ def list_recipes() -> dict[str, str]:
 
 def resolve_recipe_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    # A bare name is a bundled recipe even where the current folder has a folder of that name.
+    if path.suffix in (".yaml", ".yml") or path.is_file() or len(path.parts) > 1:
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
         return path
@@ -443,7 +444,9 @@ def _set_dotted(data: dict[str, Any], dotted: str, raw_value: str) -> None:
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if not first["loc"]:  # a check across sections: its message names the keys; the input is the whole recipe
+        return f"{source}: {str(first['msg']).removeprefix('Value error, ')}"
+    key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         section = first["loc"][:-1]
         allowed = _allowed_keys(section)

@@ -32,6 +32,8 @@ def test_recipes_lists_bundled_recipes() -> None:
         (["--set", "classify.visual_threshold=11"], "classify.visual_threshold"),
         (["--set", "corpus.kind=folder", "--set", "corpus.path=/no/such/folder"], "/no/such/folder"),
         (["--force", "nostage"], "nostage"),
+        # A check across sections names its keys, not the whole recipe.
+        (["--set", "classify.visual_min_tokens=9"], "classify.visual_min_tokens"),
     ],
 )
 def test_recipe_errors_exit_nonzero_with_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
@@ -40,7 +42,16 @@ def test_recipe_errors_exit_nonzero_with_one_line(tmp_path: Path, args: list[str
     lines = _error_lines(result)
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.output
+    assert len(errors[0]) < 300 and "'recipe':" not in errors[0]  # one line, not the recipe
     assert "Traceback" not in result.output
+
+
+def test_a_folder_named_like_a_recipe_does_not_hide_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["--recipe", "tiny", "--out", str(tmp_path / "run"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "plan for recipe 'tiny'" in result.output
 
 
 def test_missing_recipe_file(tmp_path: Path) -> None:

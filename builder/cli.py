@@ -143,17 +143,39 @@ def publish_command(
 ) -> None:
     """Validate a dataset folder, upload it to the Hub as one commit and tag it vX.Y.Z."""
     _setup_logging(verbose)
-    if repo is None:
-        from validation import resolve_dataset_dir
+    import json
 
-        recipe_json = resolve_dataset_dir(path) / "recipe.json"
-        if recipe_json.exists():
-            import json
+    from validation import resolve_dataset_dir
 
-            repo = (json.loads(recipe_json.read_text()).get("publish") or {}).get("repo")
-        if not repo:
-            raise _fail(BuilderError("--repo ORG/NAME is required (the recipe sets no publish.repo)"))
-    publish(path, repo=repo, version=version, private=private)
+    recipe_json = resolve_dataset_dir(path) / "recipe.json"
+    built_for = json.loads(recipe_json.read_text()).get("publish") or {} if recipe_json.exists() else {}
+    repo = repo or built_for.get("repo")
+    if not repo:
+        raise _fail(BuilderError("--repo ORG/NAME is required (the recipe sets no publish.repo)"))
+    if repo != built_for.get("repo") and (path / "manifest.json").is_file():
+        _repackage_for(path, repo)
+    publish(path, repo=repo, version=version, private=private or bool(built_for.get("private")))
+
+
+def _repackage_for(run_dir: Path, repo: str) -> None:
+    """Package a finished run again for `repo` (its card names the repo): the recipe the run
+    was built with, `publish.repo` changed; every stage before package is up to date."""
+    from builder.config import recipe_from_dict
+    from builder.pipeline import default_stages
+    from builder.run import Executor, Manifest
+
+    try:
+        data = Manifest.load(run_dir / "manifest.json").recipe
+        recipe = recipe_from_dict({**data, "publish": {**data.get("publish", {}), "repo": repo}})
+        executor = Executor(recipe, run_dir, default_stages())
+        unfinished = [name for name, done in executor.up_to_date().items()
+                      if not done and name not in ("package", "validate")]
+        if unfinished:
+            raise BuilderError(f"{run_dir}: stage {unfinished[0]} is not up to date; finish the build first")
+        executor.run(until="validate")
+    except BuilderError as e:
+        raise _fail(e) from e
+    err.print(f"repackaged {run_dir} for {repo}", highlight=False)
 
 
 def publish(path: Path, repo: str, version: Optional[str], private: bool) -> None:

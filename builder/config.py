@@ -355,9 +355,10 @@ class PackageConfig(Section):
 
 class PublishConfig(Section):
     repo: str | None = None
-    """Hub dataset repo `org/name` (used by `--push-to-hub` without a value)."""
+    """Hub dataset repo `org/name` that the card names (load snippet, citation) and that
+    `publish` uploads to by default; `--push-to-hub ORG/NAME` sets it."""
     private: bool = False
-    """Create the repo private."""
+    """Create the repo private (`publish` and `--push-to-hub`; `publish --private` too)."""
 
 
 class Recipe(Section):

@@ -18,6 +18,7 @@ server on 127.0.0.1).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -106,6 +107,15 @@ def _check_inputs(folder: Path, repo: str, version: str | None) -> tuple[str, in
         raise PublishError(
             f"{folder} failed {len(report.failures)} validation checks, nothing was sent ({failed}); "
             f"see `build-neuron-dataset validate {folder}`"
+        )
+    recipe_json = folder / "recipe.json"
+    built_for = (json.loads(recipe_json.read_text()).get("publish") or {}).get("repo") if recipe_json.exists() else None
+    if built_for != repo:
+        named = f"for {built_for}" if built_for else "without a repo (publish.repo unset)"
+        raise PublishError(
+            f"the dataset was built {named}, and its card's load snippet and citation name that; publish its run "
+            f"directory instead (`build-neuron-dataset publish RUN_DIR --repo {repo}` packages it again for {repo}), "
+            f"or rebuild with --set publish.repo={repo} (only package and validate run again)"
         )
     built = BuildInfo.read(folder).dataset_version
     version = version or built

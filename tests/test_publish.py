@@ -209,12 +209,12 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     server.server_close()
 
 
-def copy_dataset(tiny_run: Path, dest: Path) -> Path:
-    return Path(shutil.copytree(tiny_run / "dataset", dest))
+REPO = "org/tiny-neurons"
 
 
-def repackage(tiny_run: Path, dest: Path, **package_keys: Any) -> Path:
-    """A copy of the tiny run packaged again with other package.* keys; returns its dataset folder."""
+def repackage(tiny_run: Path, dest: Path, repo: str | None = REPO, **package_keys: Any) -> Path:
+    """A copy of the tiny run packaged again for `repo` (the card names it) with other
+    package.* keys; returns its dataset folder."""
     from builder.config import recipe_from_dict
     from builder.package import PackageStage
     from builder.run import Manifest, RunContext, RunDir
@@ -223,16 +223,27 @@ def repackage(tiny_run: Path, dest: Path, **package_keys: Any) -> Path:
     manifest = Manifest.load(run / "manifest.json")
     data = dict(manifest.recipe)
     data["package"] = {**data["package"], **package_keys}
+    data["publish"] = {**data["publish"], "repo": repo}
     PackageStage().run(RunContext(recipe_from_dict(data), RunDir(run), manifest))
     return run / "dataset"
+
+
+@pytest.fixture(scope="module")
+def for_hub(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny dataset packaged for REPO (shared: copy it before changing it)."""
+    return repackage(tiny_run, tmp_path_factory.mktemp("for-hub") / "run")
+
+
+def copy_dataset(dataset: Path, dest: Path) -> Path:
+    return Path(shutil.copytree(dataset, dest))
 
 
 def local_files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_publish_commits_once_tags_and_never_leaks_the_token(hub: FakeHub, tiny_run: Path, tmp_path: Path) -> None:
-    folder = copy_dataset(tiny_run, tmp_path / "dataset")
+def test_publish_commits_once_tags_and_never_leaks_the_token(hub: FakeHub, for_hub: Path, tmp_path: Path) -> None:
+    folder = copy_dataset(for_hub, tmp_path / "dataset")
     result = publish_dataset(folder, repo="org/tiny-neurons")
     repo = hub.repos["org/tiny-neurons"]
     assert result.committed and result.tag_created and result.tag == "v0.1.0"
@@ -267,8 +278,8 @@ def test_publish_commits_once_tags_and_never_leaks_the_token(hub: FakeHub, tiny_
     assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.requests)
 
 
-def test_an_invalid_dataset_is_not_sent(hub: FakeHub, tiny_run: Path, tmp_path: Path) -> None:
-    folder = copy_dataset(tiny_run, tmp_path / "dataset")
+def test_an_invalid_dataset_is_not_sent(hub: FakeHub, for_hub: Path, tmp_path: Path) -> None:
+    folder = copy_dataset(for_hub, tmp_path / "dataset")
     (path,) = (folder / "neurons").glob("*.parquet")
     table = pq.read_table(path)
     rows = table.to_pylist()
@@ -281,13 +292,13 @@ def test_an_invalid_dataset_is_not_sent(hub: FakeHub, tiny_run: Path, tmp_path: 
     assert result.exit_code == 1 and "nothing was sent" in result.output and hub.requests == []
 
 
-def test_a_tag_is_never_moved_and_stale_shards_go(hub: FakeHub, tiny_run: Path, tmp_path: Path) -> None:
+def test_a_tag_is_never_moved_and_stale_shards_go(hub: FakeHub, tiny_run: Path, for_hub: Path, tmp_path: Path) -> None:
     sharded = repackage(tiny_run, tmp_path / "sharded", max_shard_mb=0.05, row_group_mb=0.01)
     shards = sorted(p.name for p in (sharded / "neurons").glob("*.parquet"))
     assert len(shards) > 1
     first = publish_dataset(sharded, repo="org/tiny-neurons")
     # other files under the same version: refused, nothing committed
-    single = copy_dataset(tiny_run, tmp_path / "single")
+    single = copy_dataset(for_hub, tmp_path / "single")
     n_commits = len(hub.calls("POST", "/commit/"))
     with pytest.raises(PublishError, match=r"tag v0.1.0 already exists on org/tiny-neurons .*\+neurons/train-00000-of-00001"):
         publish_dataset(single, repo="org/tiny-neurons")
@@ -323,17 +334,29 @@ def test_build_push_to_hub(hub: FakeHub, tiny_run: Path, tmp_path: Path) -> None
 
 
 def test_publish_command_and_errors(hub: FakeHub, tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = copy_dataset(tiny_run, tmp_path / "dataset")
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    folder = run / "dataset"
     runner = CliRunner()
-    result = runner.invoke(app, ["publish", str(folder.parent / "dataset"), "--repo", "org/cli", "--private"])
-    assert result.exit_code == 0, result.output
-    assert "published org/cli v0.1.0" in result.output and hub.repos["org/cli"].private
     result = runner.invoke(app, ["publish", str(folder)])  # the tiny recipe names no publish.repo
     assert result.exit_code == 1 and "--repo ORG/NAME is required" in result.output
+    # A bare dataset folder built for another repo (or none) is refused: its card would name the wrong one.
+    result = runner.invoke(app, ["publish", str(folder), "--repo", "org/cli"])
+    assert result.exit_code == 1 and "built without a repo" in result.output and "publish.repo=org/cli" in result.output
+    assert hub.repos == {}
+    # Given the run directory, publish packages it again for the repo first (nothing else reruns).
+    result = runner.invoke(app, ["publish", str(run), "--repo", "org/cli", "--private"])
+    assert result.exit_code == 0, result.output
+    assert "repackaged" in result.output and "published org/cli v0.1.0" in result.output
+    assert hub.repos["org/cli"].private
+    readme = hub.repos["org/cli"].files_at("v0.1.0")["README.md"].decode()
+    assert 'load_dataset("org/cli", "neurons"' in readme and "ORG/NAME" not in readme
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    assert stages["capture"] == json.loads((tiny_run / "manifest.json").read_text())["stages"]["capture"]
     result = runner.invoke(app, ["publish", str(folder), "--repo", "not a repo"])
     assert result.exit_code == 1 and "expected a Hub dataset id like ORG/NAME" in result.output
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
-    result = runner.invoke(app, ["publish", str(folder), "--repo", "org/other"])
+    n_requests = len(hub.requests)
+    result = runner.invoke(app, ["publish", str(folder), "--repo", "org/cli"])
     assert result.exit_code == 1 and "no Hugging Face token" in result.output
-    assert "org/other" not in hub.repos
+    assert len(hub.requests) == n_requests

@@ -97,3 +97,15 @@ def stable_hash(obj: Any) -> str:
     """Short hash of JSON-able data, independent of dict order."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def public_name(value: str | None) -> str | None:
+    """What published data says of a value that may be a local path (a model folder, a
+    corpus file): its last part (`/home/me/data/detail_23k.json` -> `detail_23k.json`), so
+    that no user's folders are published; Hub ids and names are kept as they are."""
+    if not value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute() or value.startswith((".", "~")) or path.exists():
+        return path.name or value
+    return value

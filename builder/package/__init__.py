@@ -11,6 +11,8 @@ dataset folder.
 
 from __future__ import annotations
 
+import json
+
 import re
 import shutil
 from pathlib import Path
@@ -20,7 +22,7 @@ import pyarrow as pa
 from datasets import Features
 
 from builder.errors import StageError
-from builder.io import write_text
+from builder.io import public_name, write_text
 from builder.package.build_info import BUILD_INFO, BuildInfo, ConfigInfo, ModelInfo
 from builder.package.card import (
     Plot,
@@ -150,7 +152,7 @@ class PackageStage:
                 bar.advance(task)
         plots = draw_plots(tables["neurons"], tables["layers"], staging / "plots", ctx.recipe.classify.confidence)
         info = self.build_info(ctx, published, plots, grid)
-        write_text(staging / "recipe.json", ctx.recipe.to_json() + "\n")
+        write_text(staging / "recipe.json", json.dumps(public_recipe(ctx.recipe), indent=2, sort_keys=True) + "\n")
         write_text(staging / BUILD_INFO, info.to_json())
         write_text(staging / "README.md", card_text(ctx, published, tables, plots, info))
         replace_dir(staging, rd.dataset)
@@ -171,14 +173,15 @@ class PackageStage:
             builder_version=m.package.get("version", ""),
             builder_commit=m.package.get("git_commit", ""),
             model=ModelInfo(
-                id=r.model.id,
+                id=public_name(r.model.id),
                 revision=r.model.revision,
                 resolved_revision=str(m.model.get("resolved_revision", "")),
                 layers=int(m.model.get("layers", layers_rows)),
                 neurons_per_layer=int(m.model.get("neurons_per_layer", neurons_rows // max(layers_rows, 1))),
                 image_grid=list(grid) if grid else None,
             ),
-            corpus={"kind": r.corpus.kind, "path": r.corpus.path, "fingerprint": str(m.corpus.get("fingerprint", ""))},
+            corpus={"kind": r.corpus.kind, "path": public_name(r.corpus.path),
+                    "fingerprint": str(m.corpus.get("fingerprint", ""))},
             configs={
                 c.spec.name: ConfigInfo(
                     rows=c.rows,
@@ -218,7 +221,7 @@ def card_text(ctx: RunContext, published: list[PublishedConfig], tables: dict[st
     corpus_counts = info.stage_counts.get("corpus", {})
     skipped_reasons = {k.removeprefix("skipped_"): v for k, v in sorted(corpus_counts.items())
                        if k.startswith("skipped_")}
-    pretty = r.package.pretty_name or f"{r.model.id.split('/')[-1].removeprefix('builtin:')} neurons"
+    pretty = r.package.pretty_name or f"{public_name(r.model.id).split('/')[-1].removeprefix('builtin:')} neurons"
     license_meta = card_license(r.model.license, r.corpus.license)
     explanations = tables.get("explanations")
     corpus_stage = m.stages.get("corpus")
@@ -256,6 +259,21 @@ def card_text(ctx: RunContext, published: list[PublishedConfig], tables: dict[st
         "citation_key": re.sub(r"\W+", "_", r.publish.repo or pretty).strip("_").lower(),
         "year": year,
     })
+
+
+PATH_KEYS = (("model", "id"), ("corpus", "path"), ("corpus", "image_root"), ("explain", "cache_path"),
+             ("simulate", "detector"), ("simulate", "segmenter"))
+"""Recipe keys that may name a local file or folder."""
+
+
+def public_recipe(recipe: Any) -> dict[str, Any]:
+    """The resolved recipe as published in `recipe.json`: local paths reduced by `public_name`
+    (the run directory's manifest keeps them whole)."""
+    data = json.loads(recipe.to_json())
+    for section, key in PATH_KEYS:
+        if isinstance(data.get(section, {}).get(key), str):
+            data[section][key] = public_name(data[section][key])
+    return data
 
 
 __all__ = ["CONFIGS", "ConfigSpec", "PackageStage", "config_spec", "conform"]

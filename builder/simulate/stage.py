@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from builder.errors import StageError
-from builder.io import append_jsonl, read_jsonl, stable_hash, write_json, write_parquet
+from builder.io import append_jsonl, public_name, read_jsonl, stable_hash, write_json, write_parquet
 from builder.run import RunContext
 from builder.simulate.base import FailureKind, SimulationFailure, TextSimulator, VisualSample, VisualSimulator
 from builder.simulate.scoring import Modality, ModalityScore, ScoredSample, combined_score, score_modality
@@ -247,7 +247,7 @@ def _grounded(ctx: RunContext, ask: Any, model: str) -> tuple[VisualSimulator, s
     sim = GroundedSimulator(models, ask, cfg.phrases, cfg.max_phrases, cfg.box_threshold, cfg.text_threshold,
                             cfg.max_boxes)
     phrases = f"phrases by {model} ({PHRASES_PROMPT_VERSION})" if cfg.phrases == "llm" else "explanation as phrase"
-    return sim, f"grounded({cfg.detector}, {cfg.segmenter}, {phrases})"
+    return sim, f"grounded({public_name(cfg.detector)}, {public_name(cfg.segmenter)}, {phrases})"
 
 
 def _llm_grid(ctx: RunContext, ask: Any, model: str) -> tuple[VisualSimulator, str]:

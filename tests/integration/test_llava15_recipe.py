@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
@@ -65,6 +66,20 @@ def test_llava15_recipe_end_to_end_on_cpu(tmp_path: Path, monkeypatch: pytest.Mo
     assert sent > 0, "the explainer (and the LLM simulators) reached the OpenAI-compatible server"
     report = validate_dataset(out / "dataset")
     assert report.ok, report.render()
+    # The model folder, corpus and image folder are local paths: the published files name them
+    # by their last part only, never the user's folders.
+    for name in ("recipe.json", "build_info.json", "README.md"):
+        text = (out / "dataset" / name).read_text()
+        assert str(tmp_path) not in text and str(model_folder.parent) not in text, name
+    for path in (out / "dataset").rglob("*.parquet"):
+        table = pq.read_table(path)
+        for field in table.schema:
+            if pa.types.is_string(field.type):
+                assert not any(str(tmp_path) in v for v in table.column(field.name).to_pylist() if v), field.name
+    published = json.loads((out / "dataset" / "recipe.json").read_text())
+    assert published["corpus"]["path"] == corpus.name and published["model"]["id"] == model_folder.name
+    assert published["simulate"]["detector"] == "detector"
+    assert json.loads((out / "manifest.json").read_text())["recipe"]["corpus"]["path"] == str(corpus)
     samples = pq.read_table(next((out / "dataset" / "samples").glob("*.parquet"))).to_pylist()
     assert len(samples) == 14 and {s["text_source"] for s in samples} == {"generate"}
     explanations = pq.read_table(out / "explanations.parquet").to_pylist()

@@ -279,7 +279,7 @@ def test_grounded_simulator_in_the_stage(simulated_run: Path, tmp_path: Path, gr
                              "simulate.device=cpu", "simulate.random_samples=1")
     assert counts["neurons"] == 2 and counts["failed"] == 0
     for r in rows.values():
-        assert r["simulator"].startswith(f"visual:grounded({detector}, {segmenter}, explanation as phrase)")
+        assert r["simulator"].startswith(f"visual:grounded({Path(detector).name}, {Path(segmenter).name}, explanation as phrase)")
         visual = [p for p in r["per_sample_scores"] if p["modality"] == "visual"]
         assert len(visual) == r["n_held_out"] + r["n_random"]
         assert r["status"] in ("ok", "undefined")

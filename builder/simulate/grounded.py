@@ -6,8 +6,11 @@ boxes -> masks -> per-patch coverage.
 2. Boxes: an open-vocabulary detector (`simulate.detector`, Grounding DINO by default,
    loaded with `AutoModelForZeroShotObjectDetection`) finds the phrases in the VLM's view
    of the image; boxes above `box_threshold` / `text_threshold`, best `max_boxes` kept.
-3. Masks: a box-prompted segmenter (`simulate.segmenter`, SAM, `AutoModelForMaskGeneration`)
-   turns each box into a mask; the prediction is the union of the masks.
+3. Masks: a box-prompted segmenter (`simulate.segmenter`, `AutoModelForMaskGeneration`)
+   turns each box into a mask; the prediction is the union of the masks. The default is
+   SAM (`facebook/sam-vit-base`); the paper used SAM 2, which loads the same way
+   (`facebook/sam2.1-hiera-large`) but whose transformers image processor needs
+   torchvision, which a CPU-only install of torch here cannot have, so it is not tested.
 4. Patch map: each grid cell's predicted activation is 10 x the fraction of its area the
    union mask covers. No phrase, or no box found, predicts 0 everywhere (a constant
    prediction, which scores 0 by the scoring rule).
@@ -142,9 +145,9 @@ class GroundedSimulator:
         inputs = m.segmenter_processor(images=image, input_boxes=[boxes.tolist()], return_tensors="pt").to(m.device)
         outputs = m.segmenter(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"],
                               multimask_output=False)
-        masks = m.segmenter_processor.post_process_masks(
-            outputs.pred_masks.cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu()
-        )[0]  # [n_boxes, 1, height, width] bool
+        # SAM's processor also needs the resized input's size; SAM 2's works from the original's.
+        sizes = [inputs[k].cpu() for k in ("original_sizes", "reshaped_input_sizes") if k in inputs]
+        masks = m.segmenter_processor.post_process_masks(outputs.pred_masks.cpu(), *sizes)[0]  # [n_boxes, 1, h, w]
         return masks.reshape(-1, image.height, image.width).any(0).numpy()
 
     def predict(self, view: Image.Image, phrases: list[str], grid: tuple[int, int]) -> np.ndarray:

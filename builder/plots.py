@@ -147,3 +147,23 @@ def render_plots(neurons: pa.Table, layers: pa.Table, out_dir: Path, confidence:
                       f"For visual, text and multimodal neurons, the share of each layer among the category's top "
                       f"{pct} by confidence (neurons tied at the cut are kept)."))
     return plots
+
+
+EXAMPLE_SIDE = 160
+"""Pixels per exemplar in a card example strip."""
+
+
+def exemplar_strip(images: list[bytes], path: Path) -> None:
+    """Side by side, `EXAMPLE_SIDE` px high: a neuron's shown activation-modulated exemplars
+    (encoded PNG/JPEG bytes), for its row in the card's example table. Written without
+    metadata, so the same exemplars give the same file."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    tiles = [Image.open(BytesIO(data)).convert("RGB").resize((EXAMPLE_SIDE, EXAMPLE_SIDE)) for data in images]
+    gap = 4
+    strip = Image.new("RGB", (len(tiles) * (EXAMPLE_SIDE + gap) - gap, EXAMPLE_SIDE), (255, 255, 255))
+    for i, tile in enumerate(tiles):
+        strip.paste(tile, (i * (EXAMPLE_SIDE + gap), 0))
+    write_with(path, lambda tmp: strip.save(tmp, format="PNG", optimize=True))

@@ -28,6 +28,7 @@ from builder.package.card import (
     Plot,
     PublishedConfig,
     card_license,
+    example_exemplars,
     example_neurons,
     feature_type,
     render_card,
@@ -154,7 +155,11 @@ class PackageStage:
         info = self.build_info(ctx, published, plots, grid)
         write_text(staging / "recipe.json", json.dumps(public_recipe(ctx.recipe), indent=2, sort_keys=True) + "\n")
         write_text(staging / BUILD_INFO, info.to_json())
-        write_text(staging / "README.md", card_text(ctx, published, tables, plots, info))
+        explanations = tables.get("explanations")
+        examples = (example_neurons(explanations, tables["neurons"], ctx.recipe.package.card_examples)
+                    if explanations is not None else [])
+        example_exemplars(rd.path("exemplars.parquet"), examples, staging / "plots" / "examples")
+        write_text(staging / "README.md", card_text(ctx, published, tables, plots, info, examples))
         replace_dir(staging, rd.dataset)
         counts = {c.spec.name: c.rows for c in published}
         counts["plots"] = len(plots)
@@ -205,7 +210,7 @@ def _distinct(table: pa.Table | None, column: str) -> list[str]:
 
 
 def card_text(ctx: RunContext, published: list[PublishedConfig], tables: dict[str, pa.Table], plots: list[Plot],
-              info: BuildInfo) -> str:
+              info: BuildInfo, examples: list[dict[str, Any]]) -> str:
     from builder.classify import CATEGORIES
 
     r = ctx.recipe
@@ -251,7 +256,7 @@ def card_text(ctx: RunContext, published: list[PublishedConfig], tables: dict[st
         "explain": {"explainers": _distinct(explanations, "explainer"), "simulators": _distinct(explanations, "simulator"),
                     "prompt_versions": _distinct(explanations, "prompt_version"),
                     "shown": r.exemplars.shown, "held_out": r.exemplars.held_out},
-        "examples": example_neurons(explanations, neurons, r.package.card_examples) if explanations is not None else [],
+        "examples": examples,
         "scores": score_summary(explanations, CATEGORIES) if explanations is not None else [],
         "has_exemplars": any(c.spec.name == "exemplars" for c in published),
         "recipe_name": r.recipe.name,

@@ -142,6 +142,43 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ").strip()
 
 
+EXAMPLE_EXEMPLARS = 4
+"""Shown exemplars drawn per example neuron in the card."""
+
+
+def example_exemplars(exemplars_path: Path, examples: list[dict[str, Any]], folder: Path) -> None:
+    """Add to each example neuron of the card what its explainer was shown: a strip of its
+    first shown activation-modulated images (visual, multimodal; written under `folder`,
+    its path in `strip`) and the description tokens that carry its top activations (text,
+    multimodal; `tokens`)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from builder.explain.offline import top_tokens
+    from builder.explain.records import Exemplar, NeuronExemplars
+    from builder.plots import exemplar_strip
+
+    if not examples or not exemplars_path.exists():
+        return
+    table = pq.read_table(exemplars_path, filters=[("role", "==", "shown")])
+    for e in examples:
+        mine = table.filter(pc.and_(pc.equal(table["layer"], e["layer"]), pc.equal(table["neuron"], e["neuron"])))
+        rows = sorted(mine.to_pylist(), key=lambda r: r["rank"])[:EXAMPLE_EXEMPLARS]
+        if not rows:
+            continue
+        if e["category"] in ("visual", "multimodal"):
+            name = f"L{e['layer']}-N{e['neuron']}.png"
+            # The image column holds {bytes, path} (the exemplars stage) or the bytes alone.
+            exemplar_strip([r["image"]["bytes"] if isinstance(r["image"], dict) else r["image"] for r in rows],
+                           folder / name)
+            e["strip"] = f"{folder.parent.name}/{folder.name}/{name}"
+        if e["category"] in ("text", "multimodal"):
+            neuron = NeuronExemplars(e["layer"], e["neuron"], e["category"], tuple(
+                Exemplar(r["sample_id"], r["rank"], b"", tuple(r["tokens"]), tuple(r["token_activations"]))
+                for r in rows))
+            e["tokens"] = _cell(", ".join(repr(t.strip()) for t in top_tokens(neuron, 0.5, 3)))
+
+
 def example_neurons(explanations: pa.Table, neurons: pa.Table, per_category: int) -> list[dict[str, Any]]:
     """The best-scored explained neurons of each category (by confidence before scoring)."""
     conf = {(r["layer"], r["neuron"]): r["confidence"]
@@ -157,6 +194,7 @@ def example_neurons(explanations: pa.Table, neurons: pa.Table, per_category: int
                 "layer": r["layer"], "neuron": r["neuron"], "category": category,
                 "confidence": conf.get((r["layer"], r["neuron"])), "explanation": _cell(r["explanation"]),
                 "score": r["score"], "baseline": r["baseline_score"],
+                "strip": None, "tokens": "",  # filled by example_exemplars
             })
     return out
 

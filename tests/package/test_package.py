@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -170,6 +171,26 @@ def test_card(full_run: Path, tmp_path: Path, tools) -> None:
     explanations = pq.read_table(dataset / "explanations").to_pylist()
     best = max((r for r in explanations if r["score"] is not None), key=lambda r: r["score"])
     assert f"| {best['layer']} | {best['neuron']} | {best['category']} |" in text and best["explanation"] in text
+    # Each example neuron shows what its explainer was shown: its shown exemplars' images as a
+    # strip (visual, multimodal), the tokens of its top activations (text, multimodal).
+    rows = [line for line in text.splitlines() if re.match(r"^\| \d+ \| \d+ \| (visual|text|multimodal) \|", line)]
+    assert rows
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        layer, neuron, category, strip, tokens = cells[0], cells[1], cells[2], cells[4], cells[5]
+        if category in ("visual", "multimodal"):
+            path = f"plots/examples/L{layer}-N{neuron}.png"
+            assert f"]({path})" in strip and (dataset / path).is_file()
+            shown = [r for r in pq.read_table(dataset / "exemplars").to_pylist()
+                     if (r["layer"], r["neuron"], r["role"]) == (int(layer), int(neuron), "shown")]
+            with Image.open(dataset / path) as strip_image:
+                assert strip_image.size == (min(len(shown), 4) * 164 - 4, 160)
+        else:
+            assert strip == ""
+        if category == "text":
+            assert tokens.startswith("'")
+        elif category == "visual":
+            assert tokens == ""
     assert "## Explanation scores" in text and "Skipped samples by reason: none." in text
     assert "**4** visual tokens with normalised activation > **2.0**" in text
     assert "archivePrefix = {arXiv}" in text and "Version 0.1.0" in text

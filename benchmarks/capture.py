@@ -37,6 +37,7 @@ import os
 import platform
 import resource
 import statistics
+from collections.abc import Callable
 import subprocess
 import sys
 import time
@@ -282,15 +283,21 @@ def main() -> None:
         result = measure(shape_of(args.worker), args.samples, args.hook)
         print(json.dumps({**result, "torch_threads": torch.get_num_threads()}))
         return
-    names = ["standin", "llava15-7b"] if args.shape == "auto" else [args.shape]
+    print_results("capture", args.shape, lambda name: run_shape(name, shape_of(name), args.hook, args.threads))
+
+
+def print_results(benchmark: str, shape: str, run: Callable[[str], dict]) -> None:
+    """`run` for each shape asked for (`auto`: the CPU stand-in, and the 7B shape too when a
+    GPU is present; a GPU shape without one is skipped), printed as one JSON document."""
+    names = ["standin", "llava15-7b"] if shape == "auto" else [shape]
     results = {}
     for name in names:
         if SHAPES[name].device == "cuda" and not torch.cuda.is_available():
             results[name] = {"skipped": "no CUDA device"}
             continue
-        results[name] = run_shape(name, shape_of(name), args.hook, args.threads)
+        results[name] = run(name)
     print(json.dumps({
-        "benchmark": "capture",
+        "benchmark": benchmark,
         "results": results,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),

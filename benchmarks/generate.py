@@ -21,9 +21,6 @@ speedup over batch size 1.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,7 +29,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from capture import PROMPT, SHAPES, build  # noqa: E402  (the shapes and builder of the capture benchmark)
+from capture import PROMPT, SHAPES, build, print_results  # noqa: E402  (the capture benchmark's shapes)
 
 DEFAULTS = {"standin": ((1, 2, 4), 32), "llava15-7b": ((1, 16, 64), 256)}
 
@@ -94,15 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = ["standin", "llava15-7b"] if args.shape == "auto" else [args.shape]
-    results = {}
-    for name in names:
-        if SHAPES[name].device == "cuda" and not torch.cuda.is_available():
-            results[name] = {"skipped": "no CUDA device"}
-            continue
-        results[name] = measure(name, args.batch_sizes, args.new_tokens, args.repeats)
-    print(json.dumps({"benchmark": "generate", "results": results, "cpu": platform.processor() or platform.machine(),
-                      "cpu_count": os.cpu_count(), "torch": torch.__version__}, indent=2))
+    print_results("generate", args.shape, lambda name: measure(name, args.batch_sizes, args.new_tokens, args.repeats))
 
 
 if __name__ == "__main__":

@@ -37,10 +37,10 @@ import os
 import platform
 import resource
 import statistics
-from collections.abc import Callable
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch

@@ -277,6 +277,10 @@ class SimulateConfig(Section):
     random_samples: int = Field(default=5, ge=0)
     """Random samples outside the neuron's top-N scored beside its held-out exemplars, so a
     prediction that is high everywhere cannot score well."""
+    multimodal_score: Literal["text", "mean"] = "text"
+    """A multimodal neuron's `score`: `text`, its text simulator's (METHOD.md 6: 0-10 per
+    description token), or `mean` of its visual and text scores. Both simulators run and
+    both scores are published (`visual_score`, `text_score`) either way."""
     seed: int = 0
     """Seed of the random samples and of the baseline neuron choice (per neuron, order-free)."""
     detector: str = "IDEA-Research/grounding-dino-tiny"

@@ -14,8 +14,9 @@ and per-sample scores:
   same value everywhere): the score is 0, the correlation of an uninformative predictor,
   and `constant_prediction` flags it.
 
-A multimodal neuron gets a visual and a text score; its combined score is their mean
-(the mean of those that are defined).
+A multimodal neuron gets a visual and a text score; its `score` is the text score
+(`simulate.multimodal_score: text`, METHOD.md 6) or their mean (`mean`: of those that
+are defined). A neuron scored by both for lack of a category (unknown) gets the mean.
 """
 
 from __future__ import annotations

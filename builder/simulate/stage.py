@@ -336,8 +336,10 @@ def make_client(ctx: RunContext, model: str) -> Any:
 class NeuronScorer:
     """Scores one neuron: its own explanation and the baseline's, on its scoring set."""
 
-    def __init__(self, simulators: Simulators, images: Any, view: Any):
+    def __init__(self, simulators: Simulators, images: Any, view: Any, multimodal_score: str = "text"):
         self.simulators = simulators
+        self.multimodal_score = multimodal_score
+        """`simulate.multimodal_score`: which of a multimodal neuron's scores is its `score`."""
         self.images = images
         """sample_id -> original PIL image."""
         self.view = view
@@ -359,6 +361,11 @@ class NeuronScorer:
             ScoredSample(s.sample_id, s.role, np.asarray(p, dtype=np.float32), t)  # type: ignore[arg-type]
             for s, p, t in zip(samples, preds, truths)
         ])
+
+    def _neuron_score(self, category: str, scores: list[ModalityScore]) -> float | None:
+        if category == "multimodal" and self.multimodal_score == "text":
+            return next(s.score for s in scores if s.modality == "text")
+        return combined_score(scores)
 
     async def score(self, task: ScoringTask) -> NeuronScore:
         n = task.neuron
@@ -382,7 +389,7 @@ class NeuronScorer:
         by = {s.modality: s for s in own}
         row.visual_score = by["visual"].score if "visual" in by else None
         row.text_score = by["text"].score if "text" in by else None
-        row.score = combined_score(own)
+        row.score = self._neuron_score(n.category, own)
         row.constant_prediction = any(s.constant_prediction for s in own)
         row.per_sample_scores = [asdict(p) for s in own for p in s.samples]
         if row.score is None:
@@ -394,7 +401,7 @@ class NeuronScorer:
             try:
                 base = await asyncio.gather(*(self._modality(m, task.baseline.explanation, task.samples)
                                               for m in modalities))
-                row.baseline_score = combined_score(base)
+                row.baseline_score = self._neuron_score(n.category, list(base))
             except SimulationFailure as e:
                 row.baseline_failure = str(e)
         return row
@@ -483,7 +490,8 @@ class SimulateStage:
             layout = image_layout(ctx.vlm.model.config, ctx.vlm.processor.image_processor) if "visual" in needed else None
             # A neuron's images are shown twice (own explanation, baseline's): keep the recent ones.
             images = lru_cache(maxsize=256)(lambda i: open_image(samples[i].image_ref, ctx.recipe.corpus))
-            scorer = NeuronScorer(simulators, images, lambda image: simulator_view(image, layout))
+            scorer = NeuronScorer(simulators, images, lambda image: simulator_view(image, layout),
+                                  ctx.recipe.simulate.multimodal_score)
             client = simulators.client
             try:
                 results = asyncio.run(self._score_all(scorer, todo, checkpoint, ctx.recipe.explain.max_concurrency))

@@ -93,6 +93,22 @@ def test_planted_concept_neurons_beat_chance(simulated_run: Path):
                               for r in multimodal)
     assert all({p["modality"] for p in r["per_sample_scores"]} == {"visual", "text"} for r in multimodal)
     assert all(r["visual_score"] is not None and r["text_score"] is not None for r in multimodal)
+    # METHOD.md 6: a multimodal neuron's score is its text simulator's (simulate.multimodal_score=text)
+    assert all(r["score"] == r["text_score"] for r in multimodal)
+
+
+def test_multimodal_score_rule():
+    from builder.simulate.scoring import ModalityScore
+    from builder.simulate.stage import NeuronScorer
+
+    both = [ModalityScore("visual", 0.2, False, []), ModalityScore("text", 0.6, False, [])]
+    assert NeuronScorer(None, None, None)._neuron_score("multimodal", both) == 0.6
+    assert NeuronScorer(None, None, None, "mean")._neuron_score("multimodal", both) == pytest.approx(0.4)
+    # Other categories are not affected: one modality is its score, unknown (both) the mean.
+    assert NeuronScorer(None, None, None)._neuron_score("visual", both[:1]) == 0.2
+    assert NeuronScorer(None, None, None)._neuron_score("unknown", both) == pytest.approx(0.4)
+    undefined = [ModalityScore("visual", 0.2, False, []), ModalityScore("text", None, False, [])]
+    assert NeuronScorer(None, None, None)._neuron_score("multimodal", undefined) is None
 
 
 def test_plan_scores_held_out_and_random_samples(simulated_run: Path, tmp_path: Path):

@@ -332,6 +332,9 @@ class PlanConfig(Section):
     """Dense bf16 peak of the GPU for the roofline estimate (H100 SXM: 989)."""
     memory_bandwidth_gbs: float = Field(default=3350.0, gt=0)
     """GPU memory bandwidth in GB/s for the decoding estimate (H100 SXM: 3350)."""
+    gpus: int = Field(default=1, ge=1)
+    """GPUs (processes of `accelerate launch`) the build runs on: each describes and captures
+    1/N of the corpus, so the wall time of those stages is about 1/N of their GPU time."""
     gpu_memory_gib: float = Field(default=80.0, gt=0)
     """GPU memory per process, for the batch sizes `auto` would choose (H100: 80)."""
     utilisation: float = Field(default=0.4, gt=0, le=1)

@@ -44,6 +44,8 @@ class BuildPlan:
     capture_batch_size: int
     generate_batch_size: int
     batch_note: str
+    gpus: int
+    """plan.gpus: the processes generation and capture are shared out over."""
     """How the batch sizes were chosen (the recipe's, or `auto` for plan.gpu_memory_gib)."""
     stages: list[str]
     generate_tokens: int
@@ -80,8 +82,10 @@ class BuildPlan:
         if self.generate_tokens:
             lines.append(f"  generate    ~{self.generate_tokens:,} new tokens in batches of {self.generate_batch_size}; "
                          f"~{_hours(self.generate_seconds)} GPU")
-        lines.append(f"  GPU total   ~{_hours(self.capture_seconds + self.generate_seconds)} on one GPU, about 1/N of it "
-                     "on N (generation and capture; the exemplar pass and the simulators' detectors come on top)")
+        gpu = self.capture_seconds + self.generate_seconds
+        lines.append(f"  GPU total   ~{_hours(gpu)} of GPU time, ~{_hours(gpu / self.gpus)} of wall time on "
+                     f"{self.gpus} GPU{'s' if self.gpus > 1 else ''} (plan.gpus; generation and capture: the exemplar "
+                     "pass and the simulators' detectors come on top)")
         lines.append(f"  batches     {self.batch_note}")
         lines.append(f"  time from   {self.time_source}")
         lines.append(
@@ -222,6 +226,7 @@ def make_plan(recipe: Recipe, stages: list[str]) -> BuildPlan:
         capture_batch_size=capture_batch,
         generate_batch_size=text_batch,
         batch_note=batch_note,
+        gpus=p.gpus,
         stages=stages,
         generate_tokens=generate_tokens,
         capture_seconds=capture_s,

@@ -60,6 +60,10 @@ def test_plan_numbers_trace_to_the_recipe(detail_23k) -> None:
     decode = 256 * step_bytes / (recipe.plan.memory_bandwidth_gbs * 1e9 * recipe.plan.utilisation)
     prefill = 2 * plan.shape.parameters_b * 1e9 * prompt * 36 / (recipe.plan.peak_tflops * 1e12 * recipe.plan.utilisation)
     assert plan.generate_seconds == pytest.approx(decode + prefill)
+    gpu = plan.capture_seconds + plan.generate_seconds
+    eight = make_plan(load_recipe("llava15-7b", _sets(path, root, "plan.gpus=8")), [])
+    assert "of wall time on 1 GPU " in plan.render() and eight.gpus == 8
+    assert f"~{gpu / 8 / 60:.1f} min of wall time on 8 GPUs" in eight.render()
     fixed = make_plan(load_recipe("llava15-7b", _sets(path, root, "capture.batch_size=16")), [])
     assert (fixed.capture_batch_size, fixed.batches) == (16, 3)
     flops = 2 * plan.shape.parameters_b * 1e9 * seq * 36

@@ -2,8 +2,10 @@
 
 The server implements what `huggingface_hub` 2.4 calls for `create_repo`, `list_repo_refs`,
 `repo_info`, `list_repo_tree`, `upload_folder` (validate-yaml, preupload, commit on the
-regular, non-LFS path: every file here is small) and `create_tag`, keeps the repos' commits,
-files and tags in memory, requires the bearer token, and records every request.
+regular, non-LFS path: every file here is small) and `create_tag`, and what `datasets`
+calls to load a published version (file resolve with GET and HEAD, tree listings by folder),
+keeps the repos' commits, files and tags in memory, requires the bearer token, and records
+every request.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,6 +89,24 @@ class FakeHub(ThreadingHTTPServer):
         return [r for r in self.requests if r.method == method and fragment in r.path]
 
 
+def tree_entries(files: dict[str, bytes], folder: str, recursive: bool) -> list[dict[str, Any]]:
+    """The Hub's tree listing of `folder`: its files and folders (everything below it when
+    `recursive`), as `list_repo_tree` and `HfFileSystem` read it."""
+    prefix = f"{folder}/" if folder else ""
+    entries: dict[str, dict[str, Any]] = {}
+    for path, data in sorted(files.items()):
+        if not path.startswith(prefix):
+            continue
+        parts = path[len(prefix):].split("/")
+        depth = len(parts) if recursive else 1
+        for i in range(1, min(depth, len(parts) - 1) + 1):  # the folders on the way
+            sub = prefix + "/".join(parts[:i])
+            entries.setdefault(sub, {"type": "directory", "path": sub, "oid": git_blob_sha1(sub.encode()), "size": 0})
+        if len(parts) <= depth:
+            entries[path] = {"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data)}
+    return list(entries.values())
+
+
 class Handler(BaseHTTPRequestHandler):
     server: FakeHub
 
@@ -103,6 +126,7 @@ class Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         url = urlsplit(self.path)
+        self.query = parse_qs(url.query)
         with self.server.lock:
             self.server.requests.append(Request(method, url.path, dict(self.headers.items()), body))
             if self.headers.get("authorization") != f"Bearer {TOKEN}":
@@ -114,6 +138,23 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._handle("GET")
+
+    def do_HEAD(self) -> None:
+        self._handle("HEAD")
+
+    def _file(self, method: str, repo: Repo, revision: str, path: str) -> None:
+        """`/datasets/{repo}/resolve/{revision}/{path}`: a file's bytes (GET) or headers (HEAD)."""
+        files = repo.files_at(revision)
+        if files is None or path not in files:
+            return self._reply(404, {"error": "entry not found"}, {"X-Error-Code": "EntryNotFound"})
+        data = files[path]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("ETag", f'"{git_blob_sha1(data)}"')
+        self.send_header("X-Repo-Commit", repo.tags.get(revision, repo.head if revision == "main" else revision))
+        self.end_headers()
+        if method == "GET":
+            self.wfile.write(data)
 
     def do_POST(self) -> None:
         self._handle("POST")
@@ -137,6 +178,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._reply(400, {"errors": [{"message": str(e)}]})
             return self._reply(200, {"errors": [], "warnings": []})
         parts = path.split("/")  # '', 'api', 'datasets', org, name[, action, revision, rest...]
+        if method in ("GET", "HEAD") and parts[1:2] == ["datasets"] and parts[4:5] == ["resolve"]:
+            return self._file(method, hub.repos[f"{parts[2]}/{parts[3]}"], unquote(parts[5]), "/".join(parts[6:]))
         if parts[:3] != ["", "api", "datasets"] or len(parts) < 5:
             return self._reply(404, {"error": f"no route {method} {path}"})
         repo_id, action = f"{parts[3]}/{parts[4]}", parts[5] if len(parts) > 5 else "revision"
@@ -157,8 +200,7 @@ class Handler(BaseHTTPRequestHandler):
             files = repo.files_at(revision)
             if files is None:
                 return self._reply(404, {"error": "revision not found"}, {"X-Error-Code": "RevisionNotFound"})
-            return self._reply(200, [{"type": "file", "path": p, "size": len(d), "oid": git_blob_sha1(d)}
-                                     for p, d in sorted(files.items())])
+            return self._reply(200, tree_entries(files, "/".join(parts[7:]), self.query.get("recursive") == ["true"]))
         if method == "POST" and action == "preupload":
             current = repo.files_at(revision) or {}
             return self._reply(200, {"files": [
@@ -276,6 +318,39 @@ def test_publish_commits_once_tags_and_never_leaks_the_token(hub: FakeHub, for_h
     assert all(secret not in data for _, files in repo.commits for data in files.values())
     assert all(secret not in data for data in local_files(folder).values())
     assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.requests)
+
+
+LOAD_EVERY_CONFIG = """
+import json, sys
+from datasets import load_dataset
+repo, revision, configs = sys.argv[1], sys.argv[2], sys.argv[3:]
+out = {}
+for config in configs:
+    d = load_dataset(repo, config, split="train", revision=revision)
+    out[config] = [d.num_rows, sorted(d.column_names)]
+print(json.dumps(out))
+"""
+
+
+def test_a_published_version_loads_with_load_dataset(hub: FakeHub, for_hub: Path, tmp_path: Path) -> None:
+    """What every user runs: `load_dataset("org/name", config, revision="vX.Y.Z")` against the
+    Hub the dataset was published to, for every config in its card (in a fresh process: the
+    Hub libraries read HF_ENDPOINT when they are imported)."""
+    folder = copy_dataset(for_hub, tmp_path / "dataset")
+    publish_dataset(folder, repo=REPO)
+    card = yaml.safe_load((folder / "README.md").read_text().split("---", 2)[1])
+    configs = [c["config_name"] for c in card["configs"]]
+    assert {"neurons", "layers", "samples"} <= set(configs)
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf-home"),
+           "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    done = subprocess.run([sys.executable, "-c", LOAD_EVERY_CONFIG, REPO, "v0.1.0", *configs], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    for config in configs:
+        local = pq.read_table(sorted((folder / config).glob("*.parquet")))
+        assert loaded[config] == [local.num_rows, sorted(local.column_names)], config
+    assert hub.calls("GET", f"/datasets/{REPO}/resolve/v0.1.0/README.md")  # from the Hub, at the tag
 
 
 def test_an_invalid_dataset_is_not_sent(hub: FakeHub, for_hub: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import builder.capture.state as state_module
 from builder.capture.stage import BatchEncoder, Shard, capture_shard
-from builder.capture.state import BatchPositions, NeuronState
+from builder.capture.state import BatchPositions, NeuronState, WorkBuffer
 from builder.classify import CATEGORIES, classify_state
 from builder.config import ClassifyConfig, load_recipe
 from builder.pipeline import default_stages
@@ -308,3 +308,32 @@ def test_batch_positions_rows() -> None:
     assert full.visual.take(a[1:], work).data_ptr() == a[1:].data_ptr()  # read in place
     with pytest.raises(ValueError, match="sample index"):
         BatchPositions.from_masks(visual, text, torch.tensor([0, 2**33]))
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
+"""Tensor methods that read a value back to the host (on a GPU: a synchronisation)."""
+
+
+def test_folding_a_layer_in_never_reads_values_back_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The capture hook runs once per layer per batch: it must queue work on the device and
+    never wait for it. Every host read during `update_layer` is caught here (a CPU stand-in
+    for CUDA's sync debug mode)."""
+    gen = torch.Generator().manual_seed(0)
+    visual = torch.zeros(3, 12, dtype=torch.bool)
+    visual[:, 1:6] = True
+    text = torch.zeros(3, 12, dtype=torch.bool)
+    text[:, 7:11] = True
+    text[2, 10] = False  # a shorter description
+    positions = BatchPositions.from_masks(visual, text, torch.tensor([4, 9, 2]), WorkBuffer())
+    state = NeuronState.empty(2, 16, 5, 3, "cpu")
+    reads: list[str] = []
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _name=name, _real=real, **k: (reads.append(_name), _real(self, *a, **k))[1])
+    for layer in range(2):
+        for _ in range(2):  # the second batch also exercises the merge into a non-empty top-N
+            state.update_layer(layer, torch.randn(3, 12, 16, generator=gen), positions)
+    monkeypatch.undo()
+    assert reads == []
+    assert int(state.visual_count[0]) == 2 * 15  # and the work was done

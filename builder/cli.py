@@ -52,7 +52,7 @@ def build(
     push_to_hub: Annotated[
         Optional[str], typer.Option(help="Publish the dataset to this Hub repo (org/name) at the end.")
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging (each request, resume points).")] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan (stages, samples, neurons, batches, GPU time, API "
                            "tokens and dollars) and check the inputs, without loading weights or sending anything.")
@@ -139,7 +139,7 @@ def publish_command(
         Optional[str], typer.Option(help="Version to tag as vX.Y.Z (default and must match: package.version).")
     ] = None,
     private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging (each request, resume points).")] = False,
 ) -> None:
     """Validate a dataset folder, upload it to the Hub as one commit and tag it vX.Y.Z."""
     _setup_logging(verbose)

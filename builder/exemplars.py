@@ -247,7 +247,7 @@ def record_activations(
     from builder.capture.hooks import neuron_hooks
     from builder.capture.stage import BatchEncoder, _base_forward, capture_batch_size, to_device
     from builder.classify import normalise
-    from builder.io import write_json, write_parquet
+    from builder.io import write_json
     from builder.models.layout import image_layout
 
     vlm = ctx.vlm

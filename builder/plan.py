@@ -113,17 +113,17 @@ def _hours(seconds: float) -> str:
 def model_shape(recipe: Recipe) -> ModelShape:
     """The model's shape from a config available offline, else from the recipe's declaration."""
     cfg = recipe.model
-    if cfg.id.startswith("builtin:"):
-        from builder.models.builtin import TinyLlavaSpec
-
-        spec = TinyLlavaSpec(seed=cfg.seed)
-        return ModelShape(spec.text_layers, spec.intermediate, spec.text_hidden, spec.grid**2, 0.0, "built-in")
     config = None
     source = ""
     try:
         from transformers import AutoConfig
 
-        if Path(cfg.id).is_dir():
+        if cfg.id.startswith("builtin:"):
+            from builder.models.loading import model_folder
+
+            # A built-in is made once (a few MB, seconds) and read like any saved model.
+            config, source = AutoConfig.from_pretrained(model_folder(cfg)), "built-in"
+        elif Path(cfg.id).is_dir():
             config, source = AutoConfig.from_pretrained(cfg.id), "local config"
         else:
             kwargs = {"revision": cfg.revision} if cfg.revision else {}

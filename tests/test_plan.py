@@ -119,3 +119,19 @@ def test_dry_run_cli_offline_without_weights(detail_23k, monkeypatch: pytest.Mon
     missing = CliRunner().invoke(app, ["--recipe", "llava15-7b", "--dry-run", "--out", str(tmp_path / "r2"),
                                        "--set", f"corpus.path={tmp_path / 'absent.json'}"])
     assert missing.exit_code == 1 and "absent.json" in missing.output
+
+
+def test_built_in_shapes_come_from_their_configs() -> None:
+    """Each built-in's own config, LLaVA-NeXT's tiled image tokens included."""
+    from builder.config import ModelConfig
+    from builder.models.layout import image_tokens_bound
+    from builder.models.loading import load_vlm
+
+    for recipe, builtin in (("tiny", "builtin:planted-llava"), ("tiny-llava-next", "builtin:tiny-llava-next")):
+        shape = model_shape(load_recipe(recipe))
+        vlm = load_vlm(ModelConfig(id=builtin, device="cpu"))
+        text = vlm.model.config.text_config
+        assert (shape.layers, shape.neurons_per_layer, shape.source) == (text.num_hidden_layers,
+                                                                         text.intermediate_size, "built-in")
+        assert shape.image_tokens == image_tokens_bound(vlm.model.config)
+    assert model_shape(load_recipe("tiny-llava-next")).image_tokens > model_shape(load_recipe("tiny")).image_tokens

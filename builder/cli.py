@@ -143,12 +143,10 @@ def publish_command(
 ) -> None:
     """Validate a dataset folder, upload it to the Hub as one commit and tag it vX.Y.Z."""
     _setup_logging(verbose)
-    import json
-
+    from builder.publish import publish_settings
     from validation import resolve_dataset_dir
 
-    recipe_json = resolve_dataset_dir(path) / "recipe.json"
-    built_for = json.loads(recipe_json.read_text()).get("publish") or {} if recipe_json.exists() else {}
+    built_for = publish_settings(resolve_dataset_dir(path))
     repo = repo or built_for.get("repo")
     if not repo:
         raise _fail(BuilderError("--repo ORG/NAME is required (the recipe sets no publish.repo)"))

@@ -172,9 +172,11 @@ def generate_descriptions(ctx: RunContext, samples: list[Sample]) -> list[Sample
     cache_path = cache_file(ctx)
     end_torn_line(cache_path)
     cache = read_all_caches(ctx, key)
-    # The share is fixed by position, not by what is cached: the files may already be
-    # growing under the other processes while this one reads them.
-    mine = samples[procs.rank :: procs.world]
+    from builder.capture.stage import Shard
+
+    # The share is fixed by position (capture's), not by what is cached: the files may
+    # already be growing under the other processes while this one reads them.
+    mine = [samples[i] for i in Shard(procs.rank, procs.world).indices(len(samples))]
     pending = [s for s in mine if (s.sample_id, s.image_sha256) not in cache]
     if len(pending) < len(mine):
         log.info("text: %d of %d descriptions cached", len(mine) - len(pending), len(mine))

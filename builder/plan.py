@@ -44,9 +44,9 @@ class BuildPlan:
     capture_batch_size: int
     generate_batch_size: int
     batch_note: str
+    """How the batch sizes were chosen (the recipe's, or `auto` for plan.gpu_memory_gib)."""
     gpus: int
     """plan.gpus: the processes generation and capture are shared out over."""
-    """How the batch sizes were chosen (the recipe's, or `auto` for plan.gpu_memory_gib)."""
     stages: list[str]
     generate_tokens: int
     capture_seconds: float
@@ -177,8 +177,9 @@ def make_plan(recipe: Recipe, stages: list[str]) -> BuildPlan:
         problems.append(f"corpus {recipe.corpus.kind}:{recipe.corpus.path} has no sample with an existing image")
     p = recipe.plan
     description_tokens = recipe.text.max_new_tokens if recipe.text.source == "generate" else p.caption_tokens
-    seq = shape.image_tokens + p.template_tokens + description_tokens
-    capture_batch, text_batch = planned_batch_sizes(recipe, shape, seq)
+    prompt = shape.image_tokens + p.template_tokens
+    seq = prompt + description_tokens
+    capture_batch, text_batch = planned_batch_sizes(recipe, shape, prompt, seq)
     autos = [name for name, v in (("capture", recipe.capture.batch_size), ("text", recipe.text.batch_size))
              if v == "auto"]
     batch_note = (f"{' and '.join(autos)} batch size auto: estimated for {p.gpu_memory_gib:g} GiB of GPU memory "
@@ -204,11 +205,12 @@ def make_plan(recipe: Recipe, stages: list[str]) -> BuildPlan:
         # Decoding is bound by memory reads: each step reads the weights once for the whole
         # batch, and every row's KV cache (on average the prompt and half the new tokens);
         # the prompts' prefill is compute-bound like the capture pass.
+        from builder.capture.memory import kv_bytes_per_token
+
         new = recipe.text.max_new_tokens
-        prompt = shape.image_tokens + p.template_tokens
         steps = math.ceil(usable / text_batch) * new
-        kv_bytes_per_token = 2 * shape.layers * shape.hidden * 2
-        bytes_per_step = shape.parameters_b * 1e9 * 2 + text_batch * (prompt + new / 2) * kv_bytes_per_token
+        kv_per_token = kv_bytes_per_token(language_model_shape(shape))
+        bytes_per_step = shape.parameters_b * 1e9 * 2 + text_batch * (prompt + new / 2) * kv_per_token
         decode_s = steps * bytes_per_step / (p.memory_bandwidth_gbs * 1e9 * p.utilisation)
         prefill_s = 2 * shape.parameters_b * 1e9 * prompt * usable / (p.peak_tflops * 1e12 * p.utilisation)
         generate_s = decode_s + prefill_s
@@ -238,24 +240,26 @@ def make_plan(recipe: Recipe, stages: list[str]) -> BuildPlan:
     )
 
 
-def planned_batch_sizes(recipe: Recipe, shape: ModelShape, seq: int) -> tuple[int, int]:
-    """(capture, generation) batch sizes: the recipe's, or what `auto` would choose on a GPU
-    of `plan.gpu_memory_gib` holding the weights (bf16, plus ~0.6 B vision parameters)."""
-    from builder.capture.memory import (
-        LanguageModelShape,
-        batch_size_for,
-        capture_bytes_per_sample,
-        generate_bytes_per_sample,
-    )
+def language_model_shape(shape: ModelShape):
+    """The shape the memory estimates take, in bf16 (the GPU recipes' dtype)."""
+    from builder.capture.memory import LanguageModelShape
 
-    lm = LanguageModelShape(shape.layers, shape.hidden, shape.neurons_per_layer, 2)
+    return LanguageModelShape(shape.layers, shape.hidden, shape.neurons_per_layer, 2)
+
+
+def planned_batch_sizes(recipe: Recipe, shape: ModelShape, prompt: int, seq: int) -> tuple[int, int]:
+    """(capture, generation) batch sizes: the recipe's, or what `auto` would choose on a GPU
+    of `plan.gpu_memory_gib` holding the weights (bf16, plus ~0.6 B vision parameters), for
+    prompts of `prompt` tokens and capture sequences of `seq`."""
+    from builder.capture.memory import batch_size_for, capture_bytes_per_sample, generate_bytes_per_sample
+
+    lm = language_model_shape(shape)
     free = max(0.0, recipe.plan.gpu_memory_gib * 2**30 - (shape.parameters_b + 0.6) * 1e9 * 2)
     capture = recipe.capture.batch_size
     if capture == "auto":
         capture = batch_size_for(int(free), capture_bytes_per_sample(lm, seq))
     text = recipe.text.batch_size
     if text == "auto":
-        prompt = shape.image_tokens + recipe.plan.template_tokens
         text = batch_size_for(int(free), generate_bytes_per_sample(lm, prompt, recipe.text.max_new_tokens))
     return int(capture), int(text)
 

@@ -94,6 +94,12 @@ def tagged_differences(api, repo: str, revision: str, folder: Path) -> list[str]
     return out
 
 
+def publish_settings(folder: Path) -> dict:
+    """The `publish` section of the recipe a dataset folder was built with ({} without one)."""
+    recipe_json = folder / "recipe.json"
+    return (json.loads(recipe_json.read_text()).get("publish") or {}) if recipe_json.exists() else {}
+
+
 def _check_inputs(folder: Path, repo: str, version: str | None) -> tuple[str, int]:
     """Validate the folder and the arguments; return the version and the number of files."""
     from builder.package.build_info import BuildInfo
@@ -108,8 +114,7 @@ def _check_inputs(folder: Path, repo: str, version: str | None) -> tuple[str, in
             f"{folder} failed {len(report.failures)} validation checks, nothing was sent ({failed}); "
             f"see `build-neuron-dataset validate {folder}`"
         )
-    recipe_json = folder / "recipe.json"
-    built_for = (json.loads(recipe_json.read_text()).get("publish") or {}).get("repo") if recipe_json.exists() else None
+    built_for = publish_settings(folder).get("repo")
     if built_for != repo:
         named = f"for {built_for}" if built_for else "without a repo (publish.repo unset)"
         raise PublishError(

@@ -269,8 +269,7 @@ class Executor:
             if i == first:
                 procs.barrier()  # the main process has run every stage before this one
                 if not procs.is_main:
-                    self.manifest = Manifest.load(self.run_dir.manifest_path)
-                    self.ctx.manifest = self.manifest
+                    self._reload_manifest()
                     for before in stages[:i]:
                         done = self.manifest.stages[before.name]
                         upstream = stable_hash([upstream, done.fingerprint, done.output_digest])
@@ -304,11 +303,15 @@ class Executor:
                     # (so all agree on what is up to date after it).
                     procs.barrier()
                     if not procs.is_main:
-                        self.manifest = Manifest.load(self.run_dir.manifest_path)
-                        self.ctx.manifest = self.manifest
+                        self._reload_manifest()
                         record = self.manifest.stages[stage.name]
             upstream = stable_hash([upstream, record.fingerprint, record.output_digest])
         return outcomes
+
+    def _reload_manifest(self) -> None:
+        """Take the manifest as the main process saved it (other processes of a launch)."""
+        self.manifest = Manifest.load(self.run_dir.manifest_path)
+        self.ctx.manifest = self.manifest
 
     def _fingerprint(self, stage: Stage, upstream: str) -> str:
         return stable_hash(

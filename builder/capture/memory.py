@@ -48,18 +48,25 @@ class LanguageModelShape:
     """2 for bf16 / fp16, 4 for fp32."""
 
 
+def model_bytes_per_token(shape: LanguageModelShape) -> int:
+    """The model's live activations per token at a decoder layer's peak (no KV cache)."""
+    return (8 * shape.hidden + 3 * shape.width) * shape.bytes_per_value
+
+
+def kv_bytes_per_token(shape: LanguageModelShape) -> int:
+    """The KV cache of one token: a key and a value of `hidden` values in every layer."""
+    return 2 * shape.layers * shape.hidden * shape.bytes_per_value
+
+
 def capture_bytes_per_sample(shape: LanguageModelShape, tokens: int) -> int:
     """Peak bytes one sample of `tokens` positions adds to a capture forward pass."""
-    model = (8 * shape.hidden + 3 * shape.width) * shape.bytes_per_value
     hooks = 20 * shape.width
-    return tokens * (model + hooks)
+    return tokens * (model_bytes_per_token(shape) + hooks)
 
 
 def generate_bytes_per_sample(shape: LanguageModelShape, prompt_tokens: int, new_tokens: int) -> int:
     """Peak bytes one sample adds to a batched greedy generation with the KV cache."""
-    kv_cache = 2 * shape.layers * shape.hidden * shape.bytes_per_value * (prompt_tokens + new_tokens)
-    prefill = prompt_tokens * (8 * shape.hidden + 3 * shape.width) * shape.bytes_per_value
-    return kv_cache + prefill
+    return kv_bytes_per_token(shape) * (prompt_tokens + new_tokens) + prompt_tokens * model_bytes_per_token(shape)
 
 
 def batch_size_for(free_bytes: int, bytes_per_sample: int, fraction: float = AUTO_MEMORY_FRACTION,

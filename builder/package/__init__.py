@@ -158,7 +158,7 @@ class PackageStage:
         explanations = tables.get("explanations")
         examples = (example_neurons(explanations, tables["neurons"], ctx.recipe.package.card_examples)
                     if explanations is not None else [])
-        example_exemplars(rd.path("exemplars.parquet"), examples, staging / "plots" / "examples")
+        example_exemplars(rd.path(config_spec("exemplars").source), examples, staging / "plots" / "examples")
         write_text(staging / "README.md", card_text(ctx, published, tables, plots, info, examples))
         replace_dir(staging, rd.dataset)
         counts = {c.spec.name: c.rows for c in published}

@@ -31,8 +31,6 @@ FAST_OPENAI = [
 """The openai backend with timeouts and backoffs short enough for tests."""
 
 
-
-
 @pytest.fixture
 def fake_server():
     """A fresh fake endpoint; set `.faults` / `.latency` before sending."""

@@ -26,16 +26,9 @@ from builder.explain.stage import LEDGER_FILE, load_neuron_exemplars
 from builder.llm.cache import ResponseCache
 from builder.llm.types import FailureKind
 from builder.run import RunDir
+from tests.explain.conftest import FAST_OPENAI
 
 HERE = Path(__file__).resolve().parent
-OPENAI = [
-    "explain.backend=openai",
-    "explain.timeout_seconds=0.5",
-    "explain.retry_base_seconds=0.01",
-    "explain.retry_max_seconds=0.05",
-    "explain.max_attempts=8",
-    "explain.max_concurrency=4",
-]
 FAILURE_KINDS = {k.value for k in FailureKind} | {"no_evidence"}
 
 
@@ -116,9 +109,9 @@ def test_offline_visual_neurons_name_over_represented_caption_words():
 
 def test_requests_carry_images_for_visual_neurons_and_prompts_match_categories(run_copy, openai_env,
                                                                                explain_runner, ctx_for):
-    counts, rows = explain_runner(run_copy, OPENAI)
+    counts, rows = explain_runner(run_copy, FAST_OPENAI)
     check_complete(rows, run_copy)
-    expected = expected_answers(run_copy, OPENAI, ctx_for)
+    expected = expected_answers(run_copy, FAST_OPENAI, ctx_for)
     # Neurons whose prompts are identical (same samples, same rounded activations) share one request.
     distinct = {key for key, _ in expected.values()}
     assert counts["ok"] == len(rows) and counts["requests_sent"] == len(distinct) == len(openai_env.entries())
@@ -160,9 +153,9 @@ def test_faults_end_in_explanations_or_typed_failures_and_a_rerun_sends_nothing(
                                                                                 explain_runner, ctx_for):
     openai_env.faults = ["429", "500", "503", "hang", "malformed", "empty_choices", "refusal", "content_filter",
                          "sorry", "garbage", "blank"]
-    counts, rows = explain_runner(run_copy, OPENAI)
+    counts, rows = explain_runner(run_copy, FAST_OPENAI)
     check_complete(rows, run_copy)
-    expected = expected_answers(run_copy, OPENAI, ctx_for)
+    expected = expected_answers(run_copy, FAST_OPENAI, ctx_for)
     distinct = {key for key, _ in expected.values()}
     # One terminal fault per request (neurons with identical prompts share theirs).
     failed = {expected[(r["layer"], r["neuron"])][0]: r["failure"].split(":")[0] for r in rows if r["failure"]}
@@ -173,7 +166,7 @@ def test_faults_end_in_explanations_or_typed_failures_and_a_rerun_sends_nothing(
         if r["status"] == "ok":
             assert r["explanation"] == f"concept {expected[(r['layer'], r['neuron'])][0][:10]}"
     sent = len(openai_env.entries())
-    counts2, rows2 = explain_runner(run_copy, OPENAI)
+    counts2, rows2 = explain_runner(run_copy, FAST_OPENAI)
     assert len(openai_env.entries()) == sent, "the second run must send no request"
     assert rows2 == rows
     assert counts2["requests_sent"] == 0 and counts2["cache_hits"] == len(rows)
@@ -187,7 +180,7 @@ def test_kill_mid_stage_then_rerun_resends_no_completed_request(run_copy, openai
                                                                 small, tmp_path):
     """A real process, SIGKILLed after some answers arrived; the rerun counts requests on the server."""
     openai_env.latency = 0.3
-    overrides = OPENAI + ["explain.max_concurrency=2"]
+    overrides = FAST_OPENAI + ["explain.max_concurrency=2"]
     env = {**os.environ, "OPENAI_BASE_URL": openai_env.base_url, "OPENAI_API_KEY": "test-key",
            "BUILDER_PROGRESS": "0"}
     cmd = [sys.executable, "-m", "builder", "--recipe", "tiny", "--out", str(run_copy), "--until", "explain",
@@ -225,7 +218,7 @@ def test_budget_cap_in_the_stage(run_copy, openai_env, explain_runner, ctx_for):
     from builder.llm.types import Usage
 
     budget = 0.004
-    overrides = OPENAI + [f"explain.budget_usd={budget}"]
+    overrides = FAST_OPENAI + [f"explain.budget_usd={budget}"]
     counts, rows = explain_runner(run_copy, overrides)
     check_complete(rows, run_copy)
     kinds = Counter(r["failure"].split(":")[0] for r in rows if r["failure"])
@@ -243,7 +236,7 @@ def test_budget_cap_in_the_stage(run_copy, openai_env, explain_runner, ctx_for):
             assert req.key == expected[(n.layer, n.neuron)][0]
     first = {e.key for e in openai_env.entries()}
     # Raising the cap sends only what is missing.
-    counts, rows = explain_runner(run_copy, OPENAI + ["explain.budget_usd=10"])
+    counts, rows = explain_runner(run_copy, FAST_OPENAI + ["explain.budget_usd=10"])
     assert counts["ok"] == len(rows)
     later = [e.key for e in openai_env.entries()][len(first):]
     assert later and not set(later) & first
@@ -257,11 +250,11 @@ def test_dry_run_prints_the_plan_and_sends_nothing(run_copy, openai_env, explain
 
     from builder.cli import app
 
-    args = ["--recipe", "tiny", "--out", str(run_copy), *as_sets(small + OPENAI), "--dry-run"]
+    args = ["--recipe", "tiny", "--out", str(run_copy), *as_sets(small + FAST_OPENAI), "--dry-run"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert openai_env.entries() == []
-    plan = plan_explain(ctx_for(run_copy, OPENAI))
+    plan = plan_explain(ctx_for(run_copy, FAST_OPENAI))
     n = plan.neurons
     assert "explain plan (nothing sent)" in result.output
     assert f"{n:,} to send, 0 answered by the cache" in result.output
@@ -271,7 +264,7 @@ def test_dry_run_prints_the_plan_and_sends_nothing(run_copy, openai_env, explain
     assert plan.dollars == pytest.approx((plan.input_tokens * 2.5 + plan.output_tokens * 10) / 1e6)
     assert not (run_copy / "explanations.parquet").exists()
 
-    counts, _ = explain_runner(run_copy, OPENAI)
+    counts, _ = explain_runner(run_copy, FAST_OPENAI)
     assert counts["requests_sent"] == len(openai_env.entries()) <= plan.requests == n  # identical prompts: one call
     again = CliRunner().invoke(app, args)
     assert f"0 to send, {n:,} answered by the cache" in again.output
